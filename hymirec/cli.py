@@ -1,0 +1,133 @@
+"""The ``hymirec`` command: wires settings into the packages; holds no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from hymirec.errors import HymirecError
+from hymirec.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+
+def _broker(settings: Settings, args: argparse.Namespace) -> int:
+    from streaming.broker import LocalBroker
+    from streaming.kafka_io import ensure_topics
+
+    broker = LocalBroker(settings.broker_dir, settings.broker_host, settings.broker_port)
+    if args.action == "start":
+        status = broker.start()
+        created = ensure_topics(settings)
+        print(f"broker ready at {status.address} (pid {status.pid}, data in {status.data_dir})")
+        if created:
+            print(f"created topics: {', '.join(created)}")
+    elif args.action == "stop":
+        print("broker stopped" if broker.stop() else "broker was not running")
+    else:
+        status = broker.status()
+        state = "ready" if status.ready else ("starting" if status.running else "stopped")
+        print(f"broker {state} at {status.address} (pid {status.pid}, data in {status.data_dir})")
+        return 0 if status.ready else 3
+    return 0
+
+
+def _features(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "build":
+        from features.item_features import build_item_features
+
+        built = build_item_features(settings)
+        print(
+            f"codebook {built.codebook.version}: {len(built.table.item_ids)} items, "
+            f"{built.codebook.levels} levels x {built.codebook.size} codes, "
+            f"{built.codebook.bytes_per_item} bytes/item; item views online"
+        )
+        return 0
+    from hymirec.report import print_user_features
+
+    print_user_features(settings, [int(u) for u in args.users])
+    return 0
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from streaming.app import run_worker
+
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from hymirec.movielens import load_ratings
+    from streaming.kafka_io import EventProducer, ensure_topics
+    from streaming.replay import movielens_events, replay_events
+
+    ensure_topics(settings)
+    ratings = load_ratings()
+    if args.limit:
+        ratings = ratings.head(args.limit)
+    with EventProducer(settings) as producer:
+        sent = replay_events(producer, movielens_events(ratings), rate_per_s=args.rate)
+    print(f"sent {sent} events to {settings.events_topic}")
+    return 0
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from hymirec.demo import run_demo
+
+    return run_demo(settings, limit=args.limit, timeout_s=args.timeout)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hymirec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    broker = sub.add_parser("broker", help="the embedded Kafka-protocol broker")
+    broker.add_argument("action", choices=["start", "stop", "status"])
+    broker.set_defaults(run=_broker)
+
+    features = sub.add_parser("features", help="item features and online user features")
+    features.add_argument("action", choices=["build", "show"])
+    features.add_argument("users", nargs="*", help="user ids (for show)")
+    features.set_defaults(run=_features)
+
+    worker = sub.add_parser("worker", help="run the Faust stream worker in the foreground")
+    worker.add_argument("--loglevel", default="info", choices=["debug", "info", "warning"])
+    worker.set_defaults(run=_worker)
+
+    replay = sub.add_parser("replay", help="replay MovieLens-100K ratings into the events topic")
+    replay.add_argument("--limit", type=int, default=0, help="first N ratings only (0: all)")
+    replay.add_argument("--rate", type=float, default=None, help="events per second (default: max)")
+    replay.set_defaults(run=_replay)
+
+    demo = sub.add_parser("demo", help="start everything, stream ML-100K, show online features")
+    demo.add_argument("--limit", type=int, default=0, help="first N ratings only (0: all)")
+    demo.add_argument("--timeout", type=float, default=900.0, help="give up after this many s")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("kafka", "aiokafka", "feast", "faust", "mode", "urllib3"):
+        if not args.verbose:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        settings = load_settings()
+        return int(args.run(settings, args))
+    except HymirecError as exc:
+        print(f"hymirec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hymirec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The project's one exception hierarchy.
+
+    HymirecError
+    ├── ConfigError            settings or a config file is invalid
+    ├── DataError              a data set is missing or malformed
+    ├── InvalidEvent           an event failed parsing or validation (carries the reason)
+    ├── BrokerError            the Kafka-protocol broker cannot be started, reached or used
+    ├── FeatureStoreError      Feast refused a read, write or apply
+    └── CodebookError          a codebook is not fitted, or codes/embeddings have the wrong shape
+
+Adapters translate library exceptions at the boundary (``raise BrokerError(...) from exc``), so the
+core never sees a kafka, feast or clickhouse exception type.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "CodebookError",
+    "ConfigError",
+    "DataError",
+    "FeatureStoreError",
+    "HymirecError",
+    "InvalidEvent",
+]
+
+
+class HymirecError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(HymirecError):
+    """Settings or a configuration file is invalid; the message names the field and the fix."""
+
+
+class DataError(HymirecError):
+    """A data set is missing or malformed."""
+
+
+class InvalidEvent(HymirecError):
+    """An event could not be parsed or failed validation.
+
+    ``reason`` is a short machine-readable code (``malformed_json``, ``validation``,
+    ``too_large``, ...) and the message says what was wrong, for the dead-letter record.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.detail = message
+
+
+class BrokerError(HymirecError):
+    """The Kafka-protocol broker cannot be started, reached or used."""
+
+
+class FeatureStoreError(HymirecError):
+    """Feast refused a read, write or apply."""
+
+
+class CodebookError(HymirecError):
+    """A codebook is not fitted, or codes/embeddings have the wrong shape."""

@@ -1,0 +1,73 @@
+"""Session fixtures that start real components: the embedded broker, Feast, a Faust worker.
+
+Every test that touches the broker gets its own topic names and Faust app id, so tests share one
+broker process without seeing each other's records.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hymirec.settings import Settings
+from streaming.broker import LocalBroker
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Item text embeddings are deterministic and slow to compute: keep them across test runs.
+EMBEDDING_CACHE = REPO_ROOT / ".hymirec" / "cache"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.2) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(every_s)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    instance = LocalBroker(tmp_path_factory.mktemp("broker"), port=free_port())
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, broker: LocalBroker) -> Callable[..., Settings]:
+    """Settings for one test: its own data dir, topics and app id on the shared broker."""
+
+    def build(**overrides: Any) -> Settings:
+        tag = uuid.uuid4().hex[:8]
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / "data",
+            "cache_dir": EMBEDDING_CACHE,
+            "broker_host": broker.host,
+            "broker_port": broker.port,
+            "events_topic": f"events-{tag}",
+            "dead_letter_topic": f"dead-letter-{tag}",
+            "training_topic": f"training-{tag}",
+            "faust_app_id": f"hymirec-test-{tag}",
+            "worker_web_port": free_port(),
+            "topic_partitions": 4,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
