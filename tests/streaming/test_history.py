@@ -16,13 +16,19 @@ def event(item: int, kind: str = "rating", ts: int = 0) -> Event:
 
 def test_positive_events_append_and_emit_samples_with_the_context_before_them() -> None:
     state = UserHistory()
-    samples = [state.apply(event(i, ts=10 * i), offset=i, recent_len=3, long_len=5)[1] for i in range(7)]
+    samples = [
+        state.apply(event(i, ts=10 * i), offset=i, recent_len=3, long_len=5)[1] for i in range(7)
+    ]
     assert state.items == [2, 3, 4, 5, 6]  # the last P=5
     assert state.count == 7
     assert state.last_ts_ms == 60
     assert [s.seq for s in samples if s] == list(range(7))
     assert samples[0] is not None and samples[0].recent_item_ids == []
-    assert samples[6] is not None and samples[6].recent_item_ids == [3, 4, 5]  # last R=3 before item 6
+    assert samples[6] is not None and samples[6].recent_item_ids == [
+        3,
+        4,
+        5,
+    ]  # last R=3 before item 6
 
 
 def test_redelivered_offsets_change_nothing() -> None:

@@ -1,0 +1,90 @@
+"""The A/B statistics engine: pure functions over mergeable sufficient statistics.
+
+Build one statistic per arm (``SampleMeanStatistic.from_array(values)``, or from SQL sums), merge
+partials with ``+``, and pass control and treatment to a test; every test returns a frozen result
+with the effect, its intervals, the p-value, the method and a ``message`` code. Degenerate data
+(an empty arm, zero variance, a zero control mean) gives a coded result, never an exception or a
+NaN. Malformed data (NaN values, mismatched lengths, negative counts) raises
+``hymirec.errors.DataError``; an out-of-range parameter (alpha, power, tau) raises ``ValueError``.
+
+Relative effects everywhere are effect / control mean with delta-method intervals (the convention
+documented in ``abtest.stats.frequentist``).
+"""
+
+from abtest.stats.bayesian import NormalPrior, bayesian_normal_test
+from abtest.stats.frequentist import (
+    cuped_ttest,
+    delta_method_ratio_test,
+    two_proportion_ztest,
+    welch_ttest,
+)
+from abtest.stats.multiple import AdjustmentMethod, adjust_p_values, benjamini_hochberg, holm
+from abtest.stats.power import (
+    Distribution,
+    minimum_detectable_effect_means,
+    minimum_detectable_effect_proportions,
+    power_means,
+    power_proportions,
+    sample_size_means,
+    sample_size_proportions,
+)
+from abtest.stats.result import (
+    BayesianResult,
+    DifferenceType,
+    Interval,
+    Message,
+    Method,
+    TestResult,
+)
+from abtest.stats.sequential import (
+    always_valid_p_values,
+    confidence_sequence_halfwidth,
+    log_mixture_likelihood_ratio,
+    msprt_tau,
+    msprt_test,
+)
+from abtest.stats.srm import SRM_THRESHOLD, SrmResult, srm_test
+from abtest.stats.statistics import (
+    ProportionStatistic,
+    RatioStatistic,
+    RegressionAdjustedStatistic,
+    SampleMeanStatistic,
+)
+
+__all__ = [
+    "SRM_THRESHOLD",
+    "AdjustmentMethod",
+    "BayesianResult",
+    "DifferenceType",
+    "Distribution",
+    "Interval",
+    "Message",
+    "Method",
+    "NormalPrior",
+    "ProportionStatistic",
+    "RatioStatistic",
+    "RegressionAdjustedStatistic",
+    "SampleMeanStatistic",
+    "SrmResult",
+    "TestResult",
+    "adjust_p_values",
+    "always_valid_p_values",
+    "bayesian_normal_test",
+    "benjamini_hochberg",
+    "confidence_sequence_halfwidth",
+    "cuped_ttest",
+    "delta_method_ratio_test",
+    "holm",
+    "log_mixture_likelihood_ratio",
+    "minimum_detectable_effect_means",
+    "minimum_detectable_effect_proportions",
+    "msprt_tau",
+    "msprt_test",
+    "power_means",
+    "power_proportions",
+    "sample_size_means",
+    "sample_size_proportions",
+    "srm_test",
+    "two_proportion_ztest",
+    "welch_ttest",
+]
