@@ -54,7 +54,7 @@ class UserHistory:
         if offset <= self.last_offset:
             return False, None
         self.last_offset = offset
-        if not event.is_positive:
+        if not event.is_positive or event.item_id is None:
             return True, None
         sample = TrainingSample(
             event_id=event.event_id,

@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hymirec.errors import InvalidEvent
 
@@ -26,8 +26,11 @@ __all__ = [
 
 SCHEMA_VERSION: Literal[1] = 1
 
-EventType = Literal["impression", "click", "play", "rating"]
-# Events that say the user consumed the item: they enter the history and make a training sample.
+EventType = Literal["impression", "click", "play", "rating", "error"]
+# ``impression``: an item shown to the user (one per item of a served list, with its position,
+# request id, experiment, variant, model version and the request's latency); ``error``: a
+# recommendation request that failed (no item). The others say the user consumed the item: they
+# enter the history and make a training sample.
 POSITIVE_EVENT_TYPES: frozenset[str] = frozenset({"click", "play", "rating"})
 
 _MAX_ID = 2**63 - 1
@@ -41,7 +44,7 @@ class Event(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: uuid.UUID
     user_id: int = Field(ge=0, le=_MAX_ID)
-    item_id: int = Field(ge=0, le=_MAX_ID)
+    item_id: int | None = Field(default=None, ge=0, le=_MAX_ID)
     event_type: EventType
     ts_ms: int = Field(ge=0, le=_MAX_ID)
     experiment: str | None = Field(default=None, min_length=1, max_length=128)
@@ -50,6 +53,13 @@ class Event(BaseModel):
     model_version: str | None = Field(default=None, min_length=1, max_length=128)
     position: int | None = Field(default=None, ge=0, le=10_000)
     value: float | None = Field(default=None, allow_inf_nan=False)
+    latency_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _item_unless_error(self) -> Event:
+        if self.event_type != "error" and self.item_id is None:
+            raise ValueError(f"item_id is required for a {self.event_type} event")
+        return self
 
     @field_validator("event_id", mode="before")
     @classmethod

@@ -70,7 +70,7 @@ def test_arbitrary_json_objects_either_parse_or_raise_invalid_event(payload: dic
         (b"\xff\xfe\x00garbage", "malformed_json", "not UTF-8 JSON"),
         (b"[1, 2, 3]", "validation", "expected a JSON object"),
         (None, "empty", "no value"),
-        (json.dumps(valid_payload(item_id=None)).encode(), "validation", "item_id: Field required"),
+        (json.dumps(valid_payload(item_id=None)).encode(), "validation", "item_id is required"),
         (json.dumps(valid_payload(user_id="7")).encode(), "validation", "user_id"),
         (json.dumps(valid_payload(user_id=True)).encode(), "validation", "user_id"),
         (json.dumps(valid_payload(user_id=-1)).encode(), "validation", "user_id"),
@@ -87,6 +87,12 @@ def test_bad_events_say_what_is_wrong(raw: bytes | None, reason: str, mentions: 
         parse_event(raw, LIMIT)
     assert caught.value.reason == reason
     assert mentions in str(caught.value)
+
+
+def test_error_events_need_no_item() -> None:
+    raw = json.dumps(valid_payload(event_type="error", item_id=None, latency_ms=12.5)).encode()
+    event = parse_event(raw, LIMIT)
+    assert event.item_id is None and event.latency_ms == 12.5 and not event.is_positive
 
 
 def test_integer_value_is_accepted_as_float() -> None:
