@@ -60,6 +60,6 @@ def replay_events(
         if progress is not None and sent % progress_every == 0:
             progress(sent)
     producer.flush()
-    if progress is not None:
+    if progress is not None and sent % progress_every:
         progress(sent)
     return sent

@@ -1,0 +1,59 @@
+"""The Feast adapter on the real Feast store (local provider, SQLite online store)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.item_features import ItemCodeTable
+from features.store import FeatureStoreClient, UserHistoryFeatures, _repo_config
+from hymirec.errors import FeatureStoreError
+from hymirec.settings import FEATURE_REPO_DIR, Settings
+
+
+def test_both_configs_parse_with_paths_from_settings(tmp_path: Path) -> None:
+    local = _repo_config(Settings(data_dir=tmp_path))
+    assert local.online_store.type == "sqlite"
+    assert local.online_store.path == f"{tmp_path.resolve()}/feast/online_store.db"
+    production = _repo_config(
+        Settings(
+            data_dir=tmp_path,
+            feast_config=FEATURE_REPO_DIR / "feature_store.production.yaml",
+            redis_url="redis.internal:6379",
+        )
+    )
+    assert production.online_store.type == "redis"
+    assert production.online_store.connection_string == "redis.internal:6379"
+
+
+def test_a_missing_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FeatureStoreError, match="cannot read Feast config"):
+        FeatureStoreClient(Settings(data_dir=tmp_path, feast_config=tmp_path / "nope.yaml"))
+
+
+def test_pushed_histories_read_back_and_later_pushes_replace_them(tmp_path: Path) -> None:
+    client = FeatureStoreClient(Settings(data_dir=tmp_path))
+    names = client.apply_definitions()
+    assert {"user_history", "item_codebook", "item_metadata", "user_history_push"} <= set(names)
+    first = UserHistoryFeatures(7, [1, 2, 3], b"\x01\x02\x03", 3, 30, 11, "v1")
+    client.push_user_histories([first, UserHistoryFeatures(8, [9], b"\x09", 1, 5, 2, "v1")])
+    assert client.user_histories([7, 8, 99]) == {
+        7: first,
+        8: UserHistoryFeatures(8, [9], b"\x09", 1, 5, 2, "v1"),
+        99: None,
+    }
+    newer = UserHistoryFeatures(7, [2, 3, 4], b"\x02\x03\x04", 4, 40, 12, "v1")
+    client.push_user_histories([newer])
+    assert client.user_histories([7])[7] == newer
+
+
+def test_item_code_lookup_marks_unknown_items() -> None:
+    table = ItemCodeTable(
+        item_ids=np.array([3, 5, 9]),
+        codes=np.array([[1, 2], [3, 4], [5, 6]], np.uint8),
+        unknown=255,
+    )
+    np.testing.assert_array_equal(
+        table.lookup([9, 4, 3, 100, 0]), [[5, 6], [255, 255], [1, 2], [255, 255], [255, 255]]
+    )
+    assert table.lookup([]).shape == (0, 2)
