@@ -115,9 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("kafka", "aiokafka", "feast", "faust", "mode", "urllib3"):
-        if not args.verbose:
+    if not args.verbose:
+        for noisy in ("feast", "faust", "mode", "urllib3", "sentence_transformers"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # kafka-python warns about its own event loop timing under load; errors still show.
+        for noisy in ("kafka", "aiokafka"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         settings = load_settings()
         return int(args.run(settings, args))
