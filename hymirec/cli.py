@@ -79,6 +79,52 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, limit=args.limit, timeout_s=args.timeout)
 
 
+def _sink(settings: Settings, args: argparse.Namespace) -> int:
+    from abtest.sink import run_sink
+    from hymirec.movielens import load_items
+    from streaming.kafka_io import ensure_topics
+
+    ensure_topics(settings)
+    stats = run_sink(settings, max_idle_s=args.max_idle, items=load_items())
+    print(f"sink stopped: {stats.summary()}")
+    return 0
+
+
+def _readout(settings: Settings, args: argparse.Namespace) -> int:
+    from abtest.readout import experiment_readout, format_readout
+
+    readout = experiment_readout(settings, args.experiment, control=args.control, notes=args.notes)
+    print(format_readout(readout))
+    return 0
+
+
+def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from model.data import build_catalog, load_movielens_sequences
+    from model.train import checkpoint_path, format_metrics, save_checkpoint, train_and_evaluate
+
+    catalog, data = build_catalog(settings), load_movielens_sequences()
+    run = train_and_evaluate(args.model, catalog, data, seed=args.seed, epochs=args.epochs)
+    path = checkpoint_path(settings.data_dir, args.model, args.seed)
+    save_checkpoint(run, path)
+    print(f"valid: {format_metrics(run.valid)}")
+    print(f"test:  {format_metrics(run.test)}")
+    print(
+        f"best epoch {run.best_epoch} of {run.epochs_run} ({run.train_time_s:.1f} s on "
+        f"{run.device}); saved {path}"
+    )
+    return 0
+
+
+def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    from model.data import build_catalog, load_movielens_sequences
+    from model.train import checkpoint_path, evaluate_checkpoint, format_metrics
+
+    path = checkpoint_path(settings.data_dir, args.model, args.seed)
+    metrics = evaluate_checkpoint(path, build_catalog(settings), load_movielens_sequences())
+    print(f"test:  {format_metrics(metrics)}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hymirec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -106,6 +152,34 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=0, help="first N ratings only (0: all)")
     demo.add_argument("--timeout", type=float, default=900.0, help="give up after this many s")
     demo.set_defaults(run=_demo)
+
+    sink = sub.add_parser("sink", help="copy the events topic into ClickHouse (foreground)")
+    sink.add_argument(
+        "--max-idle", type=float, default=None, help="stop after this many s without events"
+    )
+    sink.set_defaults(run=_sink)
+
+    readout = sub.add_parser("readout", help="an experiment's metrics, effects and SRM check")
+    readout.add_argument("experiment", help="experiment name, as logged in impressions")
+    readout.add_argument(
+        "--control",
+        default=None,
+        help='control variant (default: "control" if present, else the first by name)',
+    )
+    readout.add_argument("--notes", default=None, help="e.g. which training policy ran")
+    readout.set_defaults(run=_readout)
+
+    models = "popular, sasrec, hstu, hymirec, persrec or fuxi_mme (model/registry.py)"
+    train = sub.add_parser("train", help="train a model offline on ML-100K and save it")
+    train.add_argument("--model", required=True, help=models)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=30, help="at most; early stopping decides")
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser("eval", help="test metrics of a model saved by `hymirec train`")
+    evaluate.add_argument("--model", required=True, help=models)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(run=_eval)
     return parser
 
 

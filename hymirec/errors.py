@@ -6,6 +6,7 @@
     ├── InvalidEvent           an event failed parsing or validation (carries the reason)
     ├── BrokerError            the Kafka-protocol broker cannot be started, reached or used
     ├── FeatureStoreError      Feast refused a read, write or apply
+    ├── AnalyticsError         ClickHouse (server or chdb) refused a connection, query or insert
     └── CodebookError          a codebook is not fitted, or codes/embeddings have the wrong shape
 
 Adapters translate library exceptions at the boundary (``raise BrokerError(...) from exc``), so the
@@ -15,6 +16,7 @@ core never sees a kafka, feast or clickhouse exception type.
 from __future__ import annotations
 
 __all__ = [
+    "AnalyticsError",
     "BrokerError",
     "CodebookError",
     "ConfigError",
@@ -56,6 +58,10 @@ class BrokerError(HymirecError):
 
 class FeatureStoreError(HymirecError):
     """Feast refused a read, write or apply."""
+
+
+class AnalyticsError(HymirecError):
+    """ClickHouse (a server or the embedded chdb) refused a connection, query or insert."""
 
 
 class CodebookError(HymirecError):

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     worker_web_port: int = Field(6066, ge=1, le=65535)
     stream_batch_size: int = Field(1000, ge=1, le=100_000)
     stream_batch_window_s: float = Field(0.2, gt=0, le=60)
+    worker_instance_id: str = Field(
+        "worker-0", min_length=1, max_length=100, description="Stable, unique per worker replica"
+    )
+    worker_session_timeout_s: float = Field(10.0, ge=2, le=300)
+    worker_max_poll_interval_s: float = Field(120.0, ge=10, le=3600)
 
     # User history features.
     recent_len: int = Field(50, ge=1, le=10_000, description="R: recent item ids kept verbatim.")
@@ -66,6 +71,18 @@ class Settings(BaseSettings):
 
     # Analytics.
     clickhouse_dsn: str = Field("", description="empty means chdb:///<data_dir>/clickhouse")
+    sink_group_id: str = Field(
+        "hymirec-clickhouse-sink", min_length=1, description="Consumer group of the event sink."
+    )
+    sink_batch_size: int = Field(
+        5000, ge=1, le=1_000_000, description="Events per insert, at most."
+    )
+    sink_batch_window_s: float = Field(
+        1.0, gt=0, le=300, description="Longest wait before a partial batch is inserted."
+    )
+    cuped_pre_days: int = Field(
+        14, ge=1, le=365, description="Days before first exposure counted as the CUPED covariate."
+    )
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:

@@ -82,7 +82,17 @@ def create_app(
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=1,
         web_host="127.0.0.1",
+        web_bind="127.0.0.1",
         web_port=settings.worker_web_port,
+        # Static group membership: a worker restarted after a crash rejoins under the same
+        # instance id and takes its partitions back at once. Without it, a new member waits for
+        # the dead one's session to expire, and the embedded broker (noida-db 0.2.3) never
+        # expires it: the group stays stuck in the rebalance (seen here, kafka-python and
+        # aiokafka alike). Each worker replica needs its own stable id.
+        consumer_group_instance_id=settings.worker_instance_id,
+        broker_session_timeout=settings.worker_session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.worker_session_timeout_s / 5),
+        broker_max_poll_interval=settings.worker_max_poll_interval_s,
         producer_max_request_size=settings.max_message_bytes,
         consumer_max_fetch_size=settings.max_message_bytes,
         producer_acks=-1,

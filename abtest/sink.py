@@ -1,0 +1,248 @@
+"""The ClickHouse sink: a Kafka consumer group that copies the ``events`` topic into ``events``.
+
+At-least-once: records are parsed, inserted in batches (at most ``sink_batch_size`` records or
+``sink_batch_window_s`` seconds), and their offsets are committed only after the insert returned.
+A crash between the insert and the commit re-reads the batch; the table collapses the copies by
+``event_id`` (see ``abtest.clickhouse``), so the analytics see every event once. A record that
+fails ``parse_event`` is counted under its reason, logged with its offset and skipped: the Faust
+worker, which reads the same topic, owns the dead-letter topic. When the group rebalances, the
+pending batch is inserted and committed before the partitions are given up.
+
+An insert that fails is retried (``insert_attempts`` times, with a doubling back-off); after that
+the sink raises :class:`~hymirec.errors.AnalyticsError` without committing, and a restart resumes
+from the last committed offsets. On chdb the sink holds the ClickHouse directory for as long as it
+runs, so readouts on the same directory must wait until it stops (``abtest.clickhouse``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from clickhouse_connect.driver.client import Client
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from abtest.clickhouse import analytics_client, insert_events, load_item_dimension
+from hymirec.errors import AnalyticsError, BrokerError, InvalidEvent
+from hymirec.settings import Settings
+from streaming.schema import Event, parse_event
+
+__all__ = ["EventSink", "SinkStats", "run_sink"]
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 200  # longest single poll, so that ``stop`` is noticed quickly
+
+
+@dataclass
+class SinkStats:
+    """Running counts (read them from another thread while the sink runs).
+
+    ``records`` were polled; ``inserted`` rows were written (redelivered copies included);
+    ``invalid`` counts skipped records per reason; ``committed`` records have committed offsets.
+    """
+
+    records: int = 0
+    inserted: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    committed: int = 0
+    commit_failures: int = 0
+    insert_retries: int = 0
+
+    def summary(self) -> str:
+        bad = ", ".join(f"{k}={v}" for k, v in sorted(self.invalid.items())) or "none"
+        return (
+            f"{self.records} records, {self.inserted} rows inserted in {self.batches} batches, "
+            f"{self.committed} committed; invalid: {bad}"
+        )
+
+
+class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        # kafka-python logs and swallows a listener's exception; keep it for the run loop.
+        try:
+            self.sink.flush()
+        except Exception as exc:  # re-raised by EventSink.run after the poll
+            self.sink.failure = exc
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("sink assigned %d partition(s)", len(assigned))
+
+
+class EventSink:
+    """Consume ``settings.events_topic`` in group ``settings.sink_group_id`` into ``client``."""
+
+    def __init__(self, settings: Settings, client: Client, *, insert_attempts: int = 3) -> None:
+        self.settings = settings
+        self.client = client
+        self.insert_attempts = max(1, insert_attempts)
+        self.stats = SinkStats()
+        self._pending: list[ConsumerRecord] = []
+        self._batch_started: float | None = None
+        self.failure: BaseException | None = None  # raised in a rebalance callback
+        try:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=settings.kafka_bootstrap,
+                group_id=settings.sink_group_id,
+                client_id="hymirec-clickhouse-sink",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=settings.sink_batch_size,
+                max_partition_fetch_bytes=settings.max_message_bytes,
+                fetch_max_bytes=max(settings.max_message_bytes, 64 * 1024 * 1024),
+            )
+            self._consumer.subscribe([settings.events_topic], listener=_FlushOnRevoke(self))
+        except KafkaError as exc:
+            raise BrokerError(
+                f"sink cannot reach Kafka at {settings.kafka_bootstrap}: {exc}"
+            ) from exc
+
+    def run(
+        self, stop: threading.Event | None = None, max_idle_s: float | None = None
+    ) -> SinkStats:
+        """Consume until ``stop`` is set or no record arrived for ``max_idle_s``; then flush."""
+        stop = stop or threading.Event()
+        window_s = self.settings.sink_batch_window_s
+        last_record = time.monotonic()
+        try:
+            while not stop.is_set():
+                room = self.settings.sink_batch_size - len(self._pending)
+                polled = self._poll(room)
+                if self.failure is not None:
+                    raise self.failure
+                now = time.monotonic()
+                if polled:
+                    last_record = now
+                    self._batch_started = self._batch_started or now
+                    self._pending.extend(polled)
+                started = self._batch_started
+                if self._pending and (
+                    len(self._pending) >= self.settings.sink_batch_size
+                    or (started is not None and now - started >= window_s)
+                ):
+                    self.flush()
+                if max_idle_s is not None and not self._pending and now - last_record > max_idle_s:
+                    break
+            self.flush()
+        finally:
+            self.close()
+        return self.stats
+
+    def _poll(self, max_records: int) -> list[ConsumerRecord]:
+        try:
+            batches = self._consumer.poll(timeout_ms=_POLL_MS, max_records=max_records)
+        except KafkaError as exc:
+            raise BrokerError(f"sink poll of {self.settings.events_topic} failed: {exc}") from exc
+        records = [r for part in batches.values() for r in part]
+        self.stats.records += len(records)
+        return records
+
+    def flush(self) -> None:
+        """Insert the pending records' valid events, then commit their offsets."""
+        if not self._pending:
+            return
+        records, self._pending, self._batch_started = self._pending, [], None
+        events = list(self._parse(records))
+        self._insert(events)
+        self.stats.batches += 1
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            if tp not in offsets or offsets[tp].offset <= r.offset:
+                offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+        try:
+            self._consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # The rows are in; the group moved on, so another member re-reads them (deduplicated).
+            self.stats.commit_failures += 1
+            log.warning("offset commit after an insert failed (rows will be re-read): %s", exc)
+            return
+        except KafkaError as exc:
+            raise BrokerError(f"sink offset commit failed: {exc}") from exc
+        self.stats.committed += len(records)
+
+    def _parse(self, records: list[ConsumerRecord]) -> Iterator[Event]:
+        for r in records:
+            try:
+                yield parse_event(r.value, self.settings.max_event_bytes)
+            except InvalidEvent as exc:
+                self.stats.invalid[exc.reason] += 1
+                log.warning(
+                    "skipped invalid record %s/%d@%d: %s", r.topic, r.partition, r.offset, exc
+                )
+
+    def _insert(self, events: list[Event]) -> None:
+        for attempt in range(self.insert_attempts):
+            try:
+                self.stats.inserted += insert_events(self.client, events)
+                return
+            except AnalyticsError as exc:
+                if attempt + 1 == self.insert_attempts:
+                    raise AnalyticsError(
+                        f"sink gave up after {self.insert_attempts} insert attempts; nothing of "
+                        f"this batch was committed, a restart re-reads it: {exc}"
+                    ) from exc
+                self.stats.insert_retries += 1
+                log.warning("insert failed (attempt %d), retrying: %s", attempt + 1, exc)
+                time.sleep(0.5 * 2**attempt)
+
+    def close(self) -> None:
+        """Leave the group (uncommitted records go to the next member); idempotent."""
+        try:
+            self._consumer.close(autocommit=False)
+        except KafkaError as exc:
+            log.warning("sink consumer close failed: %s", exc)
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` (main thread only), so the sink flushes and commits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_sink(
+    settings: Settings,
+    stop: threading.Event | None = None,
+    max_idle_s: float | None = None,
+    *,
+    items: pd.DataFrame | None = None,
+) -> SinkStats:
+    """Open ClickHouse (creating the schema), load ``items`` if given, and run the sink.
+
+    Without ``stop``, SIGTERM and SIGINT stop it cleanly. Returns the final counts.
+    """
+    own_stop = stop is None
+    stop = stop or threading.Event()
+    with analytics_client(settings) as client:
+        if items is not None:
+            load_item_dimension(client, items)
+        sink = EventSink(settings, client)
+        if not own_stop:
+            return sink.run(stop, max_idle_s)
+        with _stop_on_signals(stop):
+            return sink.run(stop, max_idle_s)
