@@ -43,7 +43,8 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+        merged: Tensor = self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+        return merged
 
 
 class MLP(nn.Module):
@@ -54,7 +55,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
+        out: Tensor = self.dropout(self.down(F.gelu(self.up(x))))
+        return out
 
 
 class Block(nn.Module):
@@ -70,7 +72,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         x = x + self.dropout(self.attn(self.ln1(x), attn_mask))
-        return x + self.ffn(self.ln2(x))
+        ffn_out: Tensor = self.ffn(self.ln2(x))
+        return x + ffn_out
 
 
 def causal_padding_mask(valid: Tensor) -> Tensor:

@@ -1,0 +1,366 @@
+"""The one training harness for every model: train, early-stop on validation, test, checkpoint.
+
+``train_and_evaluate`` is nanoGPT's ``train.py`` loop without the framework: AdamW steps over
+``model.data.training_batches``; after every epoch a full-ranking validation pass; the weights
+with the best validation NDCG@10 are kept, and training stops after ``patience`` epochs without
+improvement; those best weights are then evaluated on the test targets. Epoch 0 is the untrained
+model, so a run can never return weights worse (on validation) than its initialisation. The
+popularity baseline is fitted by counting and skips the loop (the ``epochs=0`` path).
+
+Timing: ``train_time_s`` is the wall time from the first step to the chosen model (training
+epochs and their validation passes); ``samples_per_s`` counts training sequences per second of
+optimisation steps alone. Memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); on
+CPU the increase of the process's resident set size over its value at the start of training,
+sampled every 20 ms from ``/proc/self/statm`` (``resource.getrusage`` peak RSS where /proc is
+missing; that is a process-lifetime high-water mark, so it under-reports later runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import os
+import random
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hymirec.errors import ConfigError, DataError
+from model import registry
+from model.base import CatalogInfo, SequentialRecommender
+from model.data import SequenceData, Split, evaluation_batches, training_batches
+from model.evaluate import RankingAccumulator
+from model.popularity import PopularityRecommender
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LoadedCheckpoint",
+    "RunResult",
+    "checkpoint_path",
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "format_metrics",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train_and_evaluate",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "hymirec-offline-checkpoint/1"
+SELECTION_METRIC = "ndcg@10"
+
+
+@dataclass
+class RunResult:
+    """What one training run produced: the best-on-validation model and every measurement."""
+
+    name: str
+    seed: int
+    model: SequentialRecommender
+    config: dict[str, Any]  # dataclasses.asdict of the model's Config
+    options: dict[str, Any]  # data and optimiser settings of the run
+    valid: dict[str, float]
+    test: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    train_time_s: float
+    samples_per_s: float
+    peak_memory_mb: float
+    memory_method: str
+    device: str
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch (0 = untrained)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak, or sampled process RSS growth."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self.method = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_rss = 0
+
+    @staticmethod
+    def _rss_bytes() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_bytes = max(self.peak_bytes, self._rss_bytes() - self._start_rss)
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        elif os.path.exists("/proc/self/statm"):
+            self._start_rss = self._rss_bytes()
+            self.method = "RSS increase over start, sampled /proc/self/statm every 20 ms"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        else:
+            self._start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.method = "resource.getrusage peak RSS increase (high-water mark)"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self._rss_bytes() - self._start_rss)
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_bytes = (peak - self._start_rss) * scale
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: SequentialRecommender,
+    data: SequenceData,
+    genres: list[frozenset[str]],
+    split: Split,
+    max_len: int,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Full-ranking metrics of ``model`` on one split (float32, eval mode)."""
+    if device is None:
+        device = next(itertools.chain(model.parameters(), model.buffers())).device
+    was_training = model.training
+    model.eval()
+    accumulator = RankingAccumulator(genres)
+    for chunk in evaluation_batches(data, split, max_len, batch_size):
+        scores = model.score_all(chunk.batch.to(device))
+        accumulator.add(scores.float(), chunk.target.to(device), chunk.seen.to(device))
+    model.train(was_training)
+    return accumulator.result()
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise ConfigError(f"a model Config must be a dataclass instance; got {type(config)}")
+    return dataclasses.asdict(config)
+
+
+def train_and_evaluate(
+    name: str,
+    catalog: CatalogInfo,
+    data: SequenceData,
+    seed: int,
+    epochs: int,
+    device: torch.device | str | None = None,
+    *,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    patience: int = 3,
+    max_len: int | None = None,
+    target_window: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunResult:
+    """Train model ``name`` on ``data`` (seeded), early-stop on validation NDCG@10, test the best.
+
+    ``max_len``/``target_window`` default to the registry's per-model choices; a model Config with
+    a ``max_len`` field gets the harness's ``max_len`` unless ``overrides`` sets it.
+    """
+    if data.num_items != catalog.num_items:
+        raise DataError(f"data has {data.num_items} items but the catalogue {catalog.num_items}")
+    if epochs < 0 or patience < 1:
+        raise ConfigError("epochs must be >= 0 and patience >= 1")
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = registry.training_defaults(name)
+    max_len = max_len or defaults.max_len
+    window = target_window or defaults.target_window
+    config_values = dict(overrides or {})
+    _seed_everything(seed)
+    if "max_len" in {f.name for f in dataclasses.fields(registry.make_config(name))}:
+        config_values.setdefault("max_len", max_len)
+    config = registry.make_config(name, **config_values)
+    model = registry.build(name, catalog, **config_values).to(chosen)
+    rng = np.random.default_rng(seed)
+    options = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "patience": patience,
+        "max_len": max_len,
+        "target_window": window,
+        "cut": defaults.cut,
+        "samples_per_user": defaults.samples_per_user,
+        "selection": SELECTION_METRIC,
+    }
+
+    def validate() -> dict[str, float]:
+        return evaluate_model(model, data, catalog.genres, "valid", max_len, device=chosen)
+
+    history: list[dict[str, float]] = []
+    step_time_s, samples = 0.0, 0
+    with _PeakMemory(chosen) as memory:
+        start = time.perf_counter()
+        if isinstance(model, PopularityRecommender):
+            model.fit(torch.from_numpy(data.training_item_counts()).float())
+            epochs = 0
+        best = validate()
+        best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
+        history.append(
+            {"epoch": 0.0, "loss": float("nan"), SELECTION_METRIC: best[SELECTION_METRIC]}
+        )
+        optimizer = (
+            torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+            if epochs
+            else None
+        )
+        epoch = 0
+        for epoch in range(1, epochs + 1):
+            assert optimizer is not None
+            model.train()
+            losses = []
+            tick = time.perf_counter()
+            batches = training_batches(
+                data, max_len, batch_size, rng, window, defaults.cut, defaults.samples_per_user
+            )
+            for batch in batches:
+                batch = batch.to(chosen)
+                with torch.autocast(chosen.type, torch.bfloat16, enabled=chosen.type == "cuda"):
+                    loss = model.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward(loss)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                samples += int(batch.history.shape[0])
+            if chosen.type == "cuda":
+                torch.cuda.synchronize(chosen)  # kernels run asynchronously: wait before timing
+            step_time_s += time.perf_counter() - tick
+            metrics = validate()
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+            history.append({"epoch": float(epoch), "loss": mean_loss, **metrics})
+            log.info(
+                "%s seed %d epoch %d: loss %.4f valid ndcg@10 %.4f",
+                name,
+                seed,
+                epoch,
+                mean_loss,
+                metrics[SELECTION_METRIC],
+            )
+            if metrics[SELECTION_METRIC] > best[SELECTION_METRIC]:
+                best, best_epoch, best_state = metrics, epoch, copy.deepcopy(model.state_dict())
+            elif epoch - best_epoch >= patience:
+                break
+        train_time_s = time.perf_counter() - start
+    model.load_state_dict(best_state)
+    test = evaluate_model(model, data, catalog.genres, "test", max_len, device=chosen)
+    return RunResult(
+        name=name,
+        seed=seed,
+        model=model,
+        config=_config_dict(config),
+        options=options,
+        valid=best,
+        test=test,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        train_time_s=train_time_s,
+        samples_per_s=samples / step_time_s if step_time_s > 0 else 0.0,
+        peak_memory_mb=memory.peak_bytes / 2**20,
+        memory_method=memory.method,
+        device=str(chosen),
+        history=history,
+    )
+
+
+def save_checkpoint(run: RunResult, path: Path) -> None:
+    """Write a self-describing checkpoint: weights, config, name, seed, options, metrics.
+
+    Written beside ``path`` and renamed into place, so a reader never sees half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": run.name,
+        "config": run.config,
+        "seed": run.seed,
+        "options": run.options,
+        "best_epoch": run.best_epoch,
+        "metrics": {"valid": run.valid, "test": run.test},
+        "state_dict": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+    }
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    model: SequentialRecommender
+    name: str
+    seed: int
+    options: dict[str, Any]
+    metrics: dict[str, dict[str, float]]
+
+
+def load_checkpoint(
+    path: Path, catalog: CatalogInfo, device: torch.device | str = "cpu"
+) -> LoadedCheckpoint:
+    """Rebuild the model a :func:`save_checkpoint` file describes and load its weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no checkpoint at {path}; train one with `hymirec train`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable files
+        raise DataError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    name = str(payload["model_name"])
+    model = registry.build(name, catalog, **payload["config"])
+    model.load_state_dict(payload["state_dict"])
+    return LoadedCheckpoint(
+        model=model.to(device).eval(),
+        name=name,
+        seed=int(payload["seed"]),
+        options=dict(payload["options"]),
+        metrics=dict(payload["metrics"]),
+    )
+
+
+def checkpoint_path(data_dir: Path, name: str, seed: int) -> Path:
+    """Where ``hymirec train`` keeps a model: ``<data_dir>/models/<name>/seed<seed>.pt``."""
+    return Path(data_dir) / "models" / name / f"seed{seed}.pt"
+
+
+def evaluate_checkpoint(
+    path: Path, catalog: CatalogInfo, data: SequenceData, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """Test metrics of a saved model, with the history length it was trained with."""
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_checkpoint(path, catalog, chosen)
+    max_len = int(loaded.options["max_len"])
+    return evaluate_model(loaded.model, data, catalog.genres, "test", max_len, device=chosen)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``name value`` pairs on one line, four decimals, in a fixed order."""
+    return "  ".join(f"{name} {metrics[name]:.4f}" for name in sorted(metrics))
