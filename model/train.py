@@ -171,7 +171,7 @@ def train_and_evaluate(
     epochs: int,
     device: torch.device | str | None = None,
     *,
-    batch_size: int = 128,
+    batch_size: int = 32,
     lr: float = 1e-3,
     weight_decay: float = 0.01,
     patience: int = 3,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -171,6 +172,8 @@ def test_config_errors_name_the_field() -> None:
         Config(dim=10, heads=3)
     with pytest.raises(ConfigError, match="assignment"):
         Config(assignment="nearest")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="dense_weight"):
+        Config(dense_weight=-1.0)
 
 
 def two_cluster_task(seed: int) -> tuple[CatalogInfo, Batch]:
@@ -212,3 +215,45 @@ def test_hungarian_training_splits_two_interests_over_the_two_clusters() -> None
     preference = scores[:, :, 1:21].mean(dim=-1) - scores[:, :, 21:].mean(dim=-1)
     opposite = preference[:, 0] * preference[:, 1] < 0
     assert opposite.float().mean() > 0.9  # for (nearly) every user, one interest per cluster
+
+
+def test_dense_loss_equals_hand_computed_cross_entropy(catalog: CatalogInfo) -> None:
+    model = model_for(catalog, dataclasses.replace(TINY, temperature=0.5))
+    items = F.normalize(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=-1)
+    states = F.normalize(torch.tensor([[[9.0, 9.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]]), dim=-1)
+    recent = torch.tensor([[0, 1, 2, 3]])  # position 0 is padding; 3 -> target 1
+    targets = torch.tensor([[1, 2]])
+    # (position, next item): (1, 2), (2, 3), (3, target 1); softmax over items 1..3 at tau 0.5
+    expected = 0.0
+    for position, nxt in [(1, 2), (2, 3), (3, 1)]:
+        logits = [float(states[0, position] @ items[n]) / 0.5 for n in (1, 2, 3)]
+        expected -= logits[nxt - 1] - math.log(sum(math.exp(v) for v in logits))
+    got = model.dense_loss(states, recent, targets, items)
+    assert got.item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def test_recent_states_do_not_see_the_items_they_predict(catalog: CatalogInfo) -> None:
+    model = model_for(catalog)
+    long, recent = HISTORY[:, : -TINY.recent_len], HISTORY[:, -TINY.recent_len :]
+    changed = recent.clone()
+    changed[:, 3:] = 20  # the items positions 0..2 predict (and later ones)
+    with torch.no_grad():
+        coarse = model.encode_long(catalog.codes[long])
+        _, before = model._refine(coarse, recent)
+        _, after = model._refine(coarse, changed)
+    assert torch.allclose(before[:, :3], after[:, :3], atol=1e-6)
+    assert not torch.allclose(before[:, 3:], after[:, 3:], atol=1e-4)
+
+
+def test_dense_weight_adds_the_weighted_dense_loss(catalog: CatalogInfo) -> None:
+    targets = torch.tensor([[20, 21], [22, 0]])
+    batch = batch_of(HISTORY, targets)
+    plain = model_for(catalog, dataclasses.replace(TINY, dense_weight=0.0))
+    dense = model_for(catalog, dataclasses.replace(TINY, dense_weight=0.5))
+    long, recent = HISTORY[:, : -TINY.recent_len], HISTORY[:, -TINY.recent_len :]
+    with torch.no_grad():
+        _, states = dense._refine(dense.encode_long(catalog.codes[long]), recent)
+        extra = dense.dense_loss(states, recent, targets, dense.item_embeddings())
+        assert dense.loss(batch).item() == pytest.approx(
+            plain.loss(batch).item() + 0.5 * extra.item(), rel=1e-5
+        )
