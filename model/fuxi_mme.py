@@ -32,13 +32,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hymirec.errors import ConfigError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.layers import Block, causal_padding_mask, init_weights
 from model.moe import MoE, load_balancing_loss
+from model.objectives import next_targets_cross_entropy
 
 __all__ = ["Config", "FuxiMME", "build_model"]
 
@@ -151,19 +151,8 @@ class FuxiMME(SequentialRecommender):
     def loss(self, batch: Batch) -> Tensor:
         """Next-target cross-entropy plus ``aux_loss_weight`` times the load-balancing loss."""
         user = self.user_interests(batch)[:, 0, :]  # (B, D)
-        task = _next_targets_cross_entropy(user, self.item_embeddings(), batch.targets)
+        task = next_targets_cross_entropy(user, self.item_embeddings(), batch.targets)
         return task + self.config.aux_loss_weight * self.aux_loss(batch.history)
-
-
-def _next_targets_cross_entropy(user: Tensor, items: Tensor, targets: Tensor) -> Tensor:
-    """Mean over the non-zero ``targets`` (B, W) of ``-log softmax(user @ items.T)[target]``,
-    the softmax over all items 1..N (column 0, padding, excluded)."""
-    logits = user @ items.T
-    logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
-    log_probs = F.log_softmax(logits, dim=-1)
-    valid = targets > 0
-    picked = log_probs.gather(1, targets.clamp(min=1))
-    return -(picked * valid).sum() / valid.sum().clamp(min=1)
 
 
 def build_model(catalog: CatalogInfo, config: Config | None = None) -> FuxiMME:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["next_item_cross_entropy"]
+__all__ = ["next_item_cross_entropy", "next_targets_cross_entropy"]
 
 
 def next_item_cross_entropy(
@@ -30,3 +30,15 @@ def next_item_cross_entropy(
     logits = hidden[valid].float() @ item_table.float().T  # (positions, N + 1)
     logits[:, 0] = float("-inf")
     return F.cross_entropy(logits, next_items[valid])
+
+
+def next_targets_cross_entropy(user: Tensor, items: Tensor, targets: Tensor) -> Tensor:
+    """Mean over the non-zero ``targets`` (B, W) of ``-log softmax(user @ items.T)[target]``,
+    the softmax over all items 1..N (column 0, padding, excluded): one user embedding predicting
+    each of its next W items (PerSRec, Fuxi-MME)."""
+    logits = user @ items.T
+    logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
+    log_probs = F.log_softmax(logits, dim=-1)
+    valid = targets > 0
+    picked = log_probs.gather(1, targets.clamp(min=1))
+    return -(picked * valid).sum() / valid.sum().clamp(min=1)

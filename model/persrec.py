@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from hymirec.errors import ConfigError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.layers import Block, init_weights
+from model.objectives import next_targets_cross_entropy
 
 __all__ = [
     "Config",
@@ -211,17 +212,6 @@ class PerSRec(SequentialRecommender):
         """Full-softmax cross-entropy of each next target from the last position's state."""
         user = self.hidden(batch.history)[:, -1, :]  # (B, D)
         return next_targets_cross_entropy(user, self.item_embeddings(), batch.targets)
-
-
-def next_targets_cross_entropy(user: Tensor, items: Tensor, targets: Tensor) -> Tensor:
-    """Mean over the non-zero ``targets`` (B, W) of ``-log softmax(user @ items.T)[target]``,
-    the softmax over all items 1..N (column 0, padding, excluded)."""
-    logits = user @ items.T
-    logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
-    log_probs = F.log_softmax(logits, dim=-1)
-    valid = targets > 0
-    picked = log_probs.gather(1, targets.clamp(min=1))
-    return -(picked * valid).sum() / valid.sum().clamp(min=1)
 
 
 def build_model(catalog: CatalogInfo, config: Config | None = None) -> PerSRec:
