@@ -14,30 +14,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import append_section, machine
 from features.codebook import ResidualCodebook
 from features.item_embeddings import embed_movielens_items
 
 SETTINGS = [(1, 64), (2, 64), (3, 64), (1, 256), (2, 256), (3, 256), (4, 256)]
 FLOAT32_BYTES = 384 * 4
-
-
-def machine() -> str:
-    """`uname -m`, usable cores (as nproc counts them) and the CPU model from /proc/cpuinfo."""
-    model = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {model}"
 
 
 def measure(embeddings: np.ndarray, iters: int) -> list[dict[str, float]]:
@@ -114,11 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     print(report)
-    if not args.results.is_file():
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text("# Benchmark results\n")
-    with args.results.open("a") as handle:
-        handle.write("\n" + report)
+    append_section(args.results, report)
 
 
 if __name__ == "__main__":

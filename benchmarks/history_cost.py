@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=6.0, help="timing budget per cell")
     parser.add_argument("--no-append", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    from benchmarks.codebook_quality import machine  # uname -m, nproc, CPU model
+    from benchmarks.report import append_section, machine
 
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     started = dt.datetime.now(dt.UTC)
@@ -297,11 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{load}; at end: {load_after}.\n\n{markdown}\n"
     )
     if not args.no_append:
-        existing = args.results.read_text() if args.results.exists() else "# Benchmark results\n"
-        with args.results.open("a") as out:  # append only: others append too
-            if not existing.endswith("\n"):
-                out.write("\n")
-            out.write(section)
+        append_section(args.results, section)
 
 
 if __name__ == "__main__":

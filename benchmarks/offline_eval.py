@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import append_section, machine
 from hymirec.errors import HymirecError
 from hymirec.settings import load_settings
 from model import registry
@@ -59,17 +59,9 @@ table in the authors' repository README (facebookresearch/generative-recommender
 the paper's results; the paper's own table was not opened."""
 
 
-def machine() -> str:
-    """`uname -m`, usable cores, the CPU model, and the 1-minute load average now."""
-    model = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0))
-    return f"{platform.machine()}, {cores} cores, {model}, load {os.getloadavg()[0]:.2f}"
+def machine_now() -> str:
+    """The machine and the 1-minute load average now."""
+    return f"{machine()}, load {os.getloadavg()[0]:.2f}"
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
@@ -106,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    started = machine()
+    started = machine_now()
 
     settings = load_settings()
     catalog, data = build_catalog(settings), load_movielens_sequences()
@@ -160,11 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parts += [ANCHORS, ""]
     report = "\n".join(parts)
     print(report)
-    if not args.results.is_file():
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text("# Benchmark results\n")
-    with args.results.open("a") as handle:  # append only: other benchmarks append here too
-        handle.write("\n" + report)
+    append_section(args.results, report)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer
 
-from benchmarks.codebook_quality import machine
+from benchmarks.report import append_section, machine
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
 from hymirec.errors import HymirecError
@@ -630,20 +630,6 @@ def render(
             *(e2e_row(name, run) for name, run in runs),
         ]
     return "\n".join(lines) + "\n"
-
-
-def append_section(path: Path, report: str) -> None:
-    """Append in one write on an O_APPEND descriptor: a concurrent appender cannot interleave."""
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Benchmark results\n")
-    text = path.read_text()  # re-read right before appending: separate from what is there
-    chunk = ("" if text.endswith("\n") else "\n") + "\n" + report
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
-        os.write(fd, chunk.encode())
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":

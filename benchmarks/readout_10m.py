@@ -36,7 +36,7 @@ from abtest.clickhouse import (
 )
 from abtest.metrics import user_metrics
 from abtest.readout import experiment_readout, format_readout, readout_from_metrics
-from benchmarks.codebook_quality import machine
+from benchmarks.report import append_section, machine
 from hymirec.settings import Settings
 
 T = TypeVar("T")
@@ -291,8 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_readout(readout))
     print(report)
     if not args.no_append:
-        with args.results.open("a") as handle:
-            handle.write("\n" + report)
+        append_section(args.results, report)
 
 
 if __name__ == "__main__":

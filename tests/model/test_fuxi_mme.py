@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,31 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hymirec.errors import ConfigError
-from model.base import Batch, CatalogInfo
+from model.base import Batch
 from model.fuxi_mme import Config, FuxiMME, build_model
 from model.layers import Block
 from model.moe import MoE, load_balancing_loss
+from tests.model.offline_fixtures import tiny_catalog
 
 NUM_ITEMS = 40
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_catalog(num_items: int = NUM_ITEMS) -> CatalogInfo:
-    return CatalogInfo(
-        num_items=num_items,
-        text_embeddings=torch.zeros(num_items + 1, 8),
-        codes=torch.zeros(num_items + 1, 2, dtype=torch.long),
-        codebook_centroids=torch.zeros(2, 4, 8),
-        codebook_scales=torch.ones(2, 4),
-        genres=[frozenset()] * (num_items + 1),
-    )
 
 
 def make_model(seed: int = 0, **overrides: Any) -> FuxiMME:
@@ -44,7 +25,7 @@ def make_model(seed: int = 0, **overrides: Any) -> FuxiMME:
         dim=32, num_tables=4, heads=2, layers=2, max_len=16, num_experts=4, top_k=2, dropout=0.0
     )
     values.update(overrides)
-    return build_model(tiny_catalog(), Config(**values)).eval()
+    return build_model(tiny_catalog(NUM_ITEMS), Config(**values)).eval()
 
 
 def batch_of(history: Tensor, targets: Tensor | None = None) -> Batch:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,15 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.moe import MoE, Routing, load_balancing_loss
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: thread hand-offs cost more than the maths on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_moe(dim: int = 8, experts: int = 4, top_k: int = 2, seed: int = 0) -> MoE:

@@ -3,7 +3,6 @@ recent items, and the cached serving path equals the one-pass model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,29 +13,11 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from hymirec.errors import ConfigError
-from model.base import Batch, CatalogInfo
+from model.base import Batch
 from model.persrec import Config, PerSRec, build_model, persrec_mask
+from tests.model.offline_fixtures import tiny_catalog
 
 NUM_ITEMS = 40
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_catalog(num_items: int = NUM_ITEMS) -> CatalogInfo:
-    return CatalogInfo(
-        num_items=num_items,
-        text_embeddings=torch.zeros(num_items + 1, 8),
-        codes=torch.zeros(num_items + 1, 2, dtype=torch.long),
-        codebook_centroids=torch.zeros(2, 4, 8),
-        codebook_scales=torch.ones(2, 4),
-        genres=[frozenset()] * (num_items + 1),
-    )
 
 
 def make_model(seed: int = 0, **overrides: Any) -> PerSRec:
@@ -45,7 +26,7 @@ def make_model(seed: int = 0, **overrides: Any) -> PerSRec:
         dim=16, heads=2, layers=2, num_tokens=3, recent_len=4, max_len=12, dropout=0.0
     )
     values.update(overrides)
-    return build_model(tiny_catalog(), Config(**values)).eval()
+    return build_model(tiny_catalog(NUM_ITEMS), Config(**values)).eval()
 
 
 def random_history(lengths: list[int], width: int, generator: torch.Generator) -> Tensor:
