@@ -19,6 +19,7 @@ from hymirec.errors import ConfigError
 __all__ = ["Settings", "load_settings"]
 
 FEATURE_REPO_DIR = Path(__file__).resolve().parent.parent / "features" / "feature_repo"
+EXPERIMENTS_FILE = Path(__file__).resolve().parent.parent / "abtest" / "experiments.yaml"
 
 
 class Settings(BaseSettings):
@@ -84,6 +85,47 @@ class Settings(BaseSettings):
         14, ge=1, le=365, description="Days before first exposure counted as the CUPED covariate."
     )
 
+    # Incremental trainer and the checkpoint registry (model/trainer.py, model/registry_store.py).
+    trainer_models: str = Field(
+        "", description="Comma-separated model names; empty means the models the experiments serve."
+    )
+    trainer_group_id: str = Field("hymirec-trainer", min_length=1)
+    trainer_batch_size: int = Field(256, ge=1, le=100_000, description="Samples per micro-batch.")
+    trainer_replay_ratio: float = Field(
+        1.0, ge=0, le=64, description="Replayed examples per new example in a training step."
+    )
+    trainer_publish_every_samples: int = Field(5000, ge=1)
+    trainer_publish_every_s: float = Field(30.0, gt=0, le=86_400)
+    trainer_keep_versions: int = Field(5, ge=2, le=10_000, description="Versions kept per model.")
+    trainer_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    trainer_lr: float = Field(1e-3, gt=0, le=1)
+    trainer_seed: int = 0
+    trainer_max_item_id: int = Field(
+        1_000_000, ge=1, description="Larger item ids are refused (they would grow the tables)."
+    )
+
+    # Experiments and the recommendation service.
+    experiments_file: Path = Field(
+        EXPERIMENTS_FILE, description="YAML file with the experiments, layers and holdout."
+    )
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(8000, ge=1, le=65535)
+    serve_max_inflight: int = Field(
+        64, ge=1, le=100_000, description="Requests in progress beyond this get a 503."
+    )
+    serve_registry_poll_s: float = Field(2.0, gt=0, le=3600)
+
+    # Closed-loop simulator.
+    sim_users: int = Field(500, ge=1, le=10_000_000)
+    sim_rate_per_s: float = Field(20.0, gt=0, le=100_000, description="Requests per second.")
+    sim_interests: int = Field(3, ge=1, le=32, description="Latent interests per user.")
+    sim_drift: float = Field(0.05, ge=0, le=1, description="Interest drift per simulated hour.")
+    sim_seed: int = 0
+
+    # Dashboard and the readout snapshots it reads.
+    dashboard_port: int = Field(8501, ge=1, le=65535)
+    readout_publish_s: float = Field(10.0, gt=0, le=86_400)
+
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:
         if not self.kafka_bootstrap:
@@ -115,6 +157,20 @@ class Settings(BaseSettings):
     @property
     def clickhouse_dir(self) -> Path:
         return self.data_dir.resolve() / "clickhouse"
+
+    @property
+    def registry_dir(self) -> Path:
+        """``model_registry/<model>/<version>/`` lives here."""
+        return self.data_dir.resolve() / "model_registry"
+
+    @property
+    def readouts_dir(self) -> Path:
+        """Readout snapshots (one JSON per experiment) that the dashboard reads."""
+        return self.data_dir.resolve() / "readouts"
+
+    @property
+    def trainer_model_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.trainer_models.split(",") if name.strip())
 
     def placeholders(self) -> dict[str, str]:
         """``HYMIREC_<FIELD>`` -> value, for filling ``${...}`` in config templates."""
