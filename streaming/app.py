@@ -167,8 +167,10 @@ def create_app(
             state = changed.get(user)
             if state is None:
                 state = UserHistory.from_record(histories.get(user))
+            message = record.message
+            ingest_ts_ms = int(message.timestamp * 1000) if message.timestamp else None
             applied, sample = state.apply(
-                event, record.message.offset, settings.recent_len, settings.long_len
+                event, message.offset, settings.recent_len, settings.long_len, ingest_ts_ms
             )
             if not applied:
                 counters.redeliveries += 1

@@ -43,7 +43,12 @@ class UserHistory:
         }
 
     def apply(
-        self, event: Event, offset: int, recent_len: int, long_len: int
+        self,
+        event: Event,
+        offset: int,
+        recent_len: int,
+        long_len: int,
+        ingest_ts_ms: int | None = None,
     ) -> tuple[bool, TrainingSample | None]:
         """Apply one event read at ``offset``; return (applied, training sample or None).
 
@@ -65,6 +70,7 @@ class UserHistory:
             seq=self.count,
             recent_item_ids=self.items[-recent_len:],
             value=event.value,
+            ingest_ts_ms=ingest_ts_ms,
         )
         self.items.append(event.item_id)
         if len(self.items) > long_len:

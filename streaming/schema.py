@@ -98,6 +98,9 @@ class TrainingSample(BaseModel):
     seq: int
     recent_item_ids: list[int]
     value: float | None = None
+    # When the source event entered Kafka (its record timestamp, ms): the trainer measures
+    # event-to-model freshness from it. Optional, so samples from older workers still parse.
+    ingest_ts_ms: int | None = None
 
 
 def parse_event(raw: bytes | bytearray | memoryview | None, max_bytes: int) -> Event:

@@ -1,0 +1,398 @@
+"""One model's incremental training on the sample stream, and its versions in the registry.
+
+:class:`ModelTrainer` owns a model, its AdamW state, the per-user histories it learned from, and
+the stream position: for each partition of the training topic, the next offset it has not yet
+learned from. :meth:`ModelTrainer.learn` takes records in offset order, skips those below that
+position (so a restart that re-reads a partition from an older offset trains on nothing twice),
+ranks each new sample before learning it (test-then-train metrics), and takes AdamW steps on the
+examples ``model.online`` cuts. :meth:`ModelTrainer.publish` writes weights, optimiser state,
+histories and stream position as one registry version; the caller commits the consumer offsets
+only after that, so a crash at any moment resumes from the last version and loses nothing.
+
+``samples_seen`` counts distinct samples learned; ``sample_digest`` is the sum of their event
+ids modulo 2**64, an order-free fingerprint that tests compare with the produced samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hymirec.errors import DataError, TrainerError
+from model import registry
+from model.base import CatalogInfo, SequentialRecommender
+from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
+from model.online import (
+    Example,
+    StreamHistories,
+    examples_for_step,
+    extend_catalog,
+    grow_model,
+    grow_optimizer_state,
+    make_batch,
+    prequential_metrics,
+)
+from model.popularity import PopularityRecommender
+from streaming.schema import TrainingSample
+
+__all__ = [
+    "ONLINE_CHECKPOINT_FORMAT",
+    "ModelTrainer",
+    "StreamRecord",
+    "TrainerOptions",
+    "load_version_model",
+]
+
+log = logging.getLogger(__name__)
+
+ONLINE_CHECKPOINT_FORMAT = "hymirec-online-checkpoint/1"
+_DIGEST_MOD = 2**64
+PREQUENTIAL_PER_STEP = 256  # test-then-train examples ranked per micro-batch, at most
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    """A training sample with where it came from and when its event entered Kafka."""
+
+    partition: int
+    offset: int
+    sample: TrainingSample
+    ingest_ts_ms: int  # the sample's ingest_ts_ms, else the training record's own timestamp
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    step_batch_size: int = 32  # examples per AdamW step (the offline harness's batch size)
+    replay_ratio: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class _Pending:
+    """What happened since the last published version (for its metadata)."""
+
+    losses: list[float] = field(default_factory=list)
+    ingest_ts_ms: list[int] = field(default_factory=list)
+    newest_event_ts_ms: int | None = None
+    prequential_sums: dict[str, float] = field(default_factory=dict)
+    prequential_count: int = 0
+    samples: int = 0
+
+
+def code_version() -> str:
+    """The package version and, where the source is a git checkout, its commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("hymirec-platform")
+    except PackageNotFoundError:
+        text = "unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{text}+{sha}" if sha else text
+
+
+_CODE_VERSION = code_version()
+
+
+class ModelTrainer:
+    """One model learning from the stream; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        catalog: CatalogInfo,
+        options: TrainerOptions,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.device = torch.device(options.device)
+        self.defaults = registry.training_defaults(name)
+        self.base_catalog = catalog
+        self.catalog = catalog
+        values = dict(config or {})
+        fields = {f.name for f in dataclasses.fields(registry.make_config(name))}
+        if "max_len" in fields:
+            values.setdefault("max_len", self.defaults.max_len)
+        self.config = dataclasses.asdict(registry.make_config(name, **values))
+        torch.manual_seed(options.seed)
+        self.model = registry.build(name, catalog, **self.config).to(self.device)
+        self.optimizer = self._optimizer()
+        self.histories = StreamHistories(self.defaults.max_len)
+        self.offsets: dict[int, int] = {}
+        self.samples_seen = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.digest = 0
+        self.steps = 0
+        self.version: str | None = None
+        self.pending = _Pending()
+
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            return None
+        return torch.optim.AdamW(params, lr=self.options.lr, weight_decay=self.options.weight_decay)
+
+    # --- the stream -------------------------------------------------------------------------
+
+    def wants(self, partition: int, offset: int) -> bool:
+        return offset >= self.offsets.get(partition, 0)
+
+    def learn(self, records: list[StreamRecord]) -> int:
+        """Learn from the records this model has not seen; return how many were new samples."""
+        fresh = [r for r in records if self.wants(r.partition, r.offset)]
+        if not fresh:
+            return 0
+        largest = max(max(r.sample.item_id, *r.sample.recent_item_ids, 0) for r in fresh)
+        if largest > self.catalog.num_items:
+            self._grow(largest)
+        probe: list[Example] = []
+        counts: dict[int, int] = {}
+        new = 0
+        for record in fresh:
+            sample = record.sample
+            self.offsets[record.partition] = record.offset + 1
+            user = sample.user_id
+            if sample.seq < self.histories.next_seq(user):
+                self.duplicates += 1
+                continue
+            history = self.histories.items(user)
+            if history and sample.seq == self.histories.next_seq(user):
+                kept = np.asarray(history[-self.defaults.max_len :], dtype=np.int64)
+                zeros = np.zeros_like(kept)
+                target = np.array([sample.item_id], dtype=np.int64)
+                probe.append(Example(user, kept, zeros, target, np.zeros(1, dtype=np.int64)))
+            if self.histories.apply(sample) == "gap":
+                self.gaps += 1
+            counts[user] = counts.get(user, 0) + 1
+            new += 1
+            self.samples_seen += 1
+            self.digest = (self.digest + sample.event_id.int) % _DIGEST_MOD
+            self.pending.ingest_ts_ms.append(record.ingest_ts_ms)
+            newest = self.pending.newest_event_ts_ms
+            self.pending.newest_event_ts_ms = max(newest or sample.ts_ms, sample.ts_ms)
+        self.pending.samples += new
+        if not new:
+            return 0
+        self._measure(probe)
+        positions = {}
+        for user, count in counts.items():
+            end = len(self.histories.items(user))
+            positions[user] = (max(0, end - count), end)
+        self._train(positions)
+        return new
+
+    def _measure(self, probe: list[Example]) -> None:
+        if not probe:
+            return
+        rng = np.random.default_rng([self.options.seed, self.steps, 1])
+        if len(probe) > PREQUENTIAL_PER_STEP:
+            chosen = rng.choice(len(probe), size=PREQUENTIAL_PER_STEP, replace=False)
+            probe = [probe[i] for i in sorted(chosen)]
+        scored = prequential_metrics(self.model, probe, self.catalog.genres, self.device)
+        for key, value in scored.result().items():
+            if not key.startswith("coverage"):
+                sums = self.pending.prequential_sums
+                sums[key] = sums.get(key, 0.0) + value * scored.users
+        self.pending.prequential_count += scored.users
+
+    def _train(self, positions: dict[int, tuple[int, int]]) -> None:
+        rng = np.random.default_rng([self.options.seed, self.steps])
+        examples = examples_for_step(
+            self.histories, positions, self.defaults, self.options.replay_ratio, rng
+        )
+        if isinstance(self.model, PopularityRecommender):
+            counts = self.model.counts.clone()
+            for user, (first, end) in positions.items():
+                for item in self.histories.items(user)[first:end]:
+                    counts[item] += 1
+            self.model.fit(counts)
+            self.steps += 1
+            return
+        if not examples or self.optimizer is None:
+            return
+        order = rng.permutation(len(examples))
+        size = self.options.step_batch_size
+        self.model.train()
+        cuda = self.device.type == "cuda"
+        for start in range(0, len(order), size):
+            chunk = [examples[i] for i in order[start : start + size]]
+            batch = make_batch(chunk, self.defaults.target_window).to(self.device)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=cuda):
+                loss = self.model.loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            self.optimizer.step()
+            self.pending.losses.append(float(loss.detach()))
+        self.steps += 1
+
+    def _grow(self, num_items: int) -> None:
+        old_rows = self.catalog.num_items + 1
+        log.info("%s: catalogue grows from %d to %d items", self.name, old_rows - 1, num_items)
+        self.catalog = extend_catalog(self.catalog, num_items)
+        grown = registry.build(self.name, self.catalog, **self.config).to(self.device)
+        self.model = grow_model(self.model, grown, old_rows)
+        old_optimizer, self.optimizer = self.optimizer, self._optimizer()
+        if old_optimizer is not None and self.optimizer is not None:
+            grow_optimizer_state(old_optimizer, self.optimizer, old_rows)
+
+    # --- versions ---------------------------------------------------------------------------
+
+    @property
+    def has_pending(self) -> bool:
+        return self.pending.samples > 0
+
+    def metrics(self) -> dict[str, float]:
+        """Mean loss and test-then-train ranking metrics since the last version."""
+        out: dict[str, float] = {}
+        if self.pending.losses:
+            out["loss"] = float(np.mean(self.pending.losses))
+        count = self.pending.prequential_count
+        if count:
+            for key, total in sorted(self.pending.prequential_sums.items()):
+                out[f"prequential_{key}"] = total / count
+            out["prequential_examples"] = float(count)
+        return out
+
+    def _write(self, folder: Path, topic: str) -> dict[str, Any]:
+        now_ms = int(time.time() * 1000)
+        torch.save(
+            {
+                "format": ONLINE_CHECKPOINT_FORMAT,
+                "model_name": self.name,
+                "config": self.config,
+                "num_items": self.catalog.num_items,
+                "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            },
+            folder / "model.pt",
+        )
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+                "histories": self.histories.state(),
+                "steps": self.steps,
+            },
+            folder / "trainer_state.pt",
+        )
+        ages = np.asarray([now_ms - ts for ts in self.pending.ingest_ts_ms], dtype=np.float64)
+        newest_ingest = max(self.pending.ingest_ts_ms) if self.pending.ingest_ts_ms else None
+        return {
+            "topic": topic,
+            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+            "samples_seen": self.samples_seen,
+            "samples_in_version": self.pending.samples,
+            "duplicates_skipped": self.duplicates,
+            "gaps": self.gaps,
+            "sample_digest": f"{self.digest:016x}",
+            "steps": self.steps,
+            "num_items": self.catalog.num_items,
+            "users": len(self.histories),
+            "newest_event_ts_ms": self.pending.newest_event_ts_ms,
+            "newest_ingest_ts_ms": newest_ingest,
+            "newest_event_age_ms": now_ms - newest_ingest if newest_ingest is not None else None,
+            "freshness_ms": (
+                {
+                    "p50": float(np.percentile(ages, 50)),
+                    "p99": float(np.percentile(ages, 99)),
+                    "max": float(ages.max()),
+                }
+                if len(ages)
+                else None
+            ),
+            "metrics": self.metrics(),
+            "config": self.config,
+            "training": dataclasses.asdict(self.defaults),
+            "options": dataclasses.asdict(self.options),
+            "device": str(self.device),
+            "code_version": _CODE_VERSION,
+        }
+
+    def publish(self, store: CheckpointRegistry, topic: str, keep: int) -> PublishedVersion:
+        """Write the current state as a new version; reset the per-version measurements."""
+        published = store.publish(self.name, lambda folder: self._write(folder, topic), keep)
+        self.version = published.version
+        self.pending = _Pending()
+        return published
+
+    @classmethod
+    def resume(
+        cls, published: PublishedVersion, catalog: CatalogInfo, options: TrainerOptions
+    ) -> ModelTrainer:
+        """The trainer exactly as the version left it: weights, AdamW moments, histories,
+        stream position and counters."""
+        meta = published.metadata
+        trainer = cls(published.model, catalog, options, dict(meta["config"]))
+        model, num_items = _read_model(published, catalog, trainer.device)
+        trainer.catalog = extend_catalog(catalog, num_items)
+        trainer.model = model.train()
+        trainer.optimizer = trainer._optimizer()
+        state = _torch_load(published.path / "trainer_state.pt")
+        if trainer.optimizer is not None and state["optimizer"]:
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.histories = StreamHistories.from_state(state["histories"])
+        trainer.steps = int(state["steps"])
+        trainer.offsets = {int(p): int(o) for p, o in meta["offsets"].items()}
+        trainer.samples_seen = int(meta["samples_seen"])
+        trainer.duplicates = int(meta["duplicates_skipped"])
+        trainer.gaps = int(meta["gaps"])
+        trainer.digest = int(meta["sample_digest"], 16)
+        trainer.version = published.version
+        return trainer
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises several types for unreadable files
+        raise DataError(f"cannot read {path}: {exc}") from exc
+
+
+def _read_model(
+    published: PublishedVersion, catalog: CatalogInfo, device: torch.device
+) -> tuple[SequentialRecommender, int]:
+    payload = _torch_load(published.path / "model.pt")
+    if not isinstance(payload, dict) or payload.get("format") != ONLINE_CHECKPOINT_FORMAT:
+        raise DataError(f"{published.path} does not hold a {ONLINE_CHECKPOINT_FORMAT} model")
+    num_items = int(payload["num_items"])
+    if num_items < catalog.num_items:
+        raise TrainerError(
+            f"{published.path} was trained on {num_items} items but the catalogue has "
+            f"{catalog.num_items}; the catalogue may only grow"
+        )
+    model = registry.build(
+        str(payload["model_name"]), extend_catalog(catalog, num_items), **payload["config"]
+    )
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device), num_items
+
+
+def load_version_model(
+    published: PublishedVersion, catalog: CatalogInfo, device: torch.device | str = "cpu"
+) -> SequentialRecommender:
+    """The model a registry version holds, in eval mode, for serving."""
+    model, _ = _read_model(published, catalog, torch.device(device))
+    return model.eval()

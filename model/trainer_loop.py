@@ -1,0 +1,325 @@
+"""``hymirec trainer``: the Kafka side of online training.
+
+One consumer reads every partition of the training topic (manual assignment: a single trainer
+owns the registry, see ``CheckpointRegistry.lock``, so there is no group rebalance to wait for).
+It starts each partition at the lowest offset any model still needs, the offsets in each model's
+``LATEST`` version; each model skips what it has already learned. Every model learns from the
+same pooled stream (DESIGN.md: every arm trains on the traffic of all arms).
+
+Every ``trainer_publish_every_samples`` samples or ``trainer_publish_every_s`` seconds, each model
+with new samples publishes a version; only after all have published does the consumer commit
+the group offsets (the lowest across models), which monitoring reads as the trainer's lag. A
+SIGKILL between a publish and the commit costs nothing: the next start reads the offsets from
+the versions, not from the group.
+
+A record that is not a valid training sample, or names an item id above
+``trainer_max_item_id``, goes to the dead-letter topic with the reason in its headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+from pydantic import ValidationError
+
+from hymirec.errors import BrokerError, ConfigError, TrainerError
+from hymirec.settings import Settings
+from model.base import CatalogInfo
+from model.checkpoint_registry import CheckpointRegistry
+from model.registry import MODEL_NAMES
+from model.trainer import ModelTrainer, StreamRecord, TrainerOptions
+from streaming.kafka_io import ensure_topics
+from streaming.schema import TrainingSample
+
+__all__ = ["TrainerReport", "resolve_models", "run_trainer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerReport:
+    """What a run of the trainer did (returned when it stops)."""
+
+    records: int = 0
+    samples: int = 0
+    dead_letters: int = 0
+    versions: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve_models(settings: Settings) -> list[str]:
+    """``trainer_models`` if set, else every model the experiments serve."""
+    names = list(settings.trainer_model_names)
+    if not names:
+        from abtest.experiments import load_experiments
+
+        names = sorted(load_experiments(settings.experiments_file).models())
+    unknown = [n for n in names if n not in MODEL_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"HYMIREC_TRAINER_MODELS names unknown models {unknown}; "
+            f"known: {', '.join(MODEL_NAMES)}"
+        )
+    if not names:
+        raise ConfigError("no models to train: set HYMIREC_TRAINER_MODELS or add experiments")
+    return names
+
+
+def _device(settings: Settings) -> str:
+    import torch
+
+    if settings.trainer_device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.trainer_device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("HYMIREC_TRAINER_DEVICE asks for CUDA but no GPU is visible")
+    return settings.trainer_device
+
+
+class _DeadLetters:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer: KafkaProducer | None = None
+        self.count = 0
+
+    def send(self, record: ConsumerRecord, reason: str, detail: str) -> None:
+        if self._producer is None:
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                acks="all",
+                max_request_size=self.settings.max_message_bytes,
+            )
+        headers = [
+            ("reason", reason.encode()),
+            ("error", detail[:4000].encode()),
+            ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ]
+        self._producer.send(
+            self.settings.dead_letter_topic, key=record.key, value=record.value, headers=headers
+        )
+        self.count += 1
+        log.warning(
+            "dead-lettered %s/%d/%d: %s", record.topic, record.partition, record.offset, detail
+        )
+
+    def flush(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout=60)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+
+
+def _parse(
+    records: list[ConsumerRecord], settings: Settings, dead: _DeadLetters
+) -> list[StreamRecord]:
+    parsed = []
+    for record in records:
+        try:
+            sample = TrainingSample.model_validate_json(record.value or b"")
+        except ValidationError as exc:
+            dead.send(record, "validation", str(exc).replace("\n", " "))
+            continue
+        largest = max(sample.item_id, *sample.recent_item_ids, 0)
+        if (
+            largest > settings.trainer_max_item_id
+            or min([sample.item_id, *sample.recent_item_ids]) < 1
+        ):
+            dead.send(
+                record,
+                "item_id_out_of_range",
+                f"item ids must be 1..{settings.trainer_max_item_id} (HYMIREC_TRAINER_MAX_ITEM_ID)",
+            )
+            continue
+        ingest = sample.ingest_ts_ms if sample.ingest_ts_ms is not None else record.timestamp
+        parsed.append(StreamRecord(record.partition, record.offset, sample, int(ingest)))
+    return parsed
+
+
+def _start_trainers(
+    names: Sequence[str], store: CheckpointRegistry, catalog: CatalogInfo, options: TrainerOptions
+) -> dict[str, ModelTrainer]:
+    trainers = {}
+    for name in names:
+        published = store.latest(name)
+        if published is None:
+            trainers[name] = ModelTrainer(name, catalog, options)
+            log.info("%s: no version yet, starting from scratch", name)
+        else:
+            trainers[name] = ModelTrainer.resume(published, catalog, options)
+            log.info(
+                "%s: resumed from %s (%d samples seen)",
+                name,
+                published.version,
+                trainers[name].samples_seen,
+            )
+    return trainers
+
+
+def run_trainer(
+    settings: Settings,
+    catalog: CatalogInfo,
+    models: Sequence[str] | None = None,
+    stop: threading.Event | None = None,
+    max_idle_s: float | None = None,
+) -> TrainerReport:
+    """Consume the training topic until ``stop`` is set (or ``max_idle_s`` without records)."""
+    names = list(models) if models else resolve_models(settings)
+    stop = stop or threading.Event()
+    store = CheckpointRegistry(settings.registry_dir)
+    options = TrainerOptions(
+        lr=settings.trainer_lr,
+        replay_ratio=settings.trainer_replay_ratio,
+        seed=settings.trainer_seed,
+        device=_device(settings),
+    )
+    report = TrainerReport(versions={n: [] for n in names})
+    with store.lock():
+        trainers = _start_trainers(names, store, catalog, options)
+        ensure_topics(settings)
+        try:
+            consumer = KafkaConsumer(
+                bootstrap_servers=settings.kafka_bootstrap,
+                group_id=settings.trainer_group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_partition_fetch_bytes=settings.max_message_bytes,
+                fetch_max_bytes=4 * settings.max_message_bytes,
+            )
+        except KafkaError as exc:
+            raise BrokerError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
+        dead = _DeadLetters(settings)
+        try:
+            _consume(settings, consumer, trainers, store, dead, report, stop, max_idle_s)
+        finally:
+            dead.close()
+            consumer.close(autocommit=False)
+    return report
+
+
+def _assign(
+    settings: Settings, consumer: KafkaConsumer, trainers: dict[str, ModelTrainer]
+) -> list[TopicPartition]:
+    topic = settings.training_topic
+    deadline = time.monotonic() + 30
+    partitions = consumer.partitions_for_topic(topic)
+    while not partitions:
+        if time.monotonic() > deadline:
+            raise TrainerError(f"topic {topic} has no partitions on {settings.kafka_bootstrap}")
+        time.sleep(0.2)
+        partitions = consumer.partitions_for_topic(topic)
+    assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(assigned)
+    for tp in assigned:
+        start = min(t.offsets.get(tp.partition, 0) for t in trainers.values())
+        consumer.seek(tp, start)
+    log.info(
+        "trainer ready: %s on %s, models %s",
+        topic,
+        settings.kafka_bootstrap,
+        ", ".join(f"{n} ({t.version or 'new'})" for n, t in trainers.items()),
+    )
+    return assigned
+
+
+def _publish(
+    settings: Settings,
+    consumer: KafkaConsumer,
+    trainers: dict[str, ModelTrainer],
+    store: CheckpointRegistry,
+    dead: _DeadLetters,
+    report: TrainerReport,
+    assigned: list[TopicPartition],
+) -> None:
+    dead.flush()  # a dead letter is stored before the offset that skips it is
+    for name, trainer in trainers.items():
+        if not trainer.has_pending:
+            continue
+        metrics = trainer.metrics()
+        published = trainer.publish(store, settings.training_topic, settings.trainer_keep_versions)
+        report.versions[name].append(published.version)
+        meta = published.metadata
+        log.info(
+            "%s %s published: %d samples seen, loss %s, prequential recall@50 %s, "
+            "newest event age %s ms",
+            name,
+            published.version,
+            trainer.samples_seen,
+            f"{metrics['loss']:.4f}" if "loss" in metrics else "-",
+            f"{metrics['prequential_recall@50']:.4f}"
+            if "prequential_recall@50" in metrics
+            else "-",
+            meta.get("newest_event_age_ms"),
+        )
+    committed = {
+        tp: OffsetAndMetadata(
+            min(t.offsets.get(tp.partition, 0) for t in trainers.values()), "", -1
+        )
+        for tp in assigned
+    }
+    try:
+        consumer.commit(committed)
+    except KafkaError as exc:
+        # The versions hold the offsets that matter; the group's copy only feeds lag monitors.
+        log.warning("could not commit the trainer's group offsets (lag display only): %s", exc)
+
+
+def _consume(
+    settings: Settings,
+    consumer: KafkaConsumer,
+    trainers: dict[str, ModelTrainer],
+    store: CheckpointRegistry,
+    dead: _DeadLetters,
+    report: TrainerReport,
+    stop: threading.Event,
+    max_idle_s: float | None,
+) -> None:
+    assigned = _assign(settings, consumer, trainers)
+    since_publish, last_publish = 0, time.monotonic()
+    last_record = last_log = time.monotonic()
+    logged_samples = 0
+    while not stop.is_set():
+        polled = consumer.poll(timeout_ms=200, max_records=settings.trainer_batch_size)
+        now = time.monotonic()
+        records = sorted(
+            (r for batch in polled.values() for r in batch), key=lambda r: (r.partition, r.offset)
+        )
+        if records:
+            last_record = now
+            report.records += len(records)
+            parsed = _parse(records, settings, dead)
+            new = [trainer.learn(parsed) for trainer in trainers.values()]
+            report.samples += max(new, default=0)
+            since_publish += len(records)
+            report.dead_letters = dead.count
+            # A dead-lettered record still moves every model past it.
+            for record in records:
+                for trainer in trainers.values():
+                    if trainer.wants(record.partition, record.offset):
+                        trainer.offsets[record.partition] = record.offset + 1
+        due = since_publish >= settings.trainer_publish_every_samples or (
+            since_publish and now - last_publish >= settings.trainer_publish_every_s
+        )
+        if due:
+            _publish(settings, consumer, trainers, store, dead, report, assigned)
+            since_publish, last_publish = 0, time.monotonic()
+        if now - last_log >= 5.0:
+            rate = (report.samples - logged_samples) / (now - last_log)
+            log.info(
+                "trainer: %d samples (%.0f/s), %s",
+                report.samples,
+                rate,
+                ", ".join(f"{n} {t.version or '-'}" for n, t in trainers.items()),
+            )
+            last_log, logged_samples = now, report.samples
+        if max_idle_s is not None and now - last_record >= max_idle_s:
+            break
+    if since_publish:
+        _publish(settings, consumer, trainers, store, dead, report, assigned)

@@ -1,0 +1,176 @@
+"""The online-training core: stream histories, examples, catalogue growth, exact resume."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import registry
+from model.checkpoint_registry import CheckpointRegistry
+from model.online import (
+    StreamHistories,
+    examples_for_step,
+    extend_catalog,
+    grow_model,
+    make_batch,
+)
+from model.trainer import ModelTrainer, StreamRecord, TrainerOptions, load_version_model
+from streaming.schema import TrainingSample
+from tests.model.offline_fixtures import tiny_catalog
+
+NUM_ITEMS = 40
+
+
+def _sample(user: int, seq: int, item: int, recent: list[int] | None = None) -> TrainingSample:
+    return TrainingSample(
+        event_id=uuid.uuid4(),
+        user_id=user,
+        item_id=item,
+        event_type="click",
+        ts_ms=1_000_000 + seq * 1000,
+        seq=seq,
+        recent_item_ids=recent or [],
+    )
+
+
+def _stream(users: int, per_user: int, seed: int = 0, items: int = NUM_ITEMS) -> list[StreamRecord]:
+    """Interleaved users; each walks the catalogue with a user-specific stride (learnable)."""
+    rng = np.random.default_rng(seed)
+    records, seqs, histories = [], dict.fromkeys(range(users), 0), {u: [] for u in range(users)}
+    order = rng.permutation(np.repeat(np.arange(users), per_user))
+    for offset, user in enumerate(order.tolist()):
+        seq = seqs[user]
+        item = 1 + (user * 3 + seq * (1 + user % 4)) % items
+        records.append(
+            StreamRecord(user % 2, offset, _sample(user, seq, item, histories[user][-5:]), 0)
+        )
+        histories[user].append(item)
+        seqs[user] += 1
+    return records
+
+
+def test_histories_skip_repeats_seed_gaps_and_keep_the_last_items() -> None:
+    histories = StreamHistories(max_len=3)
+    assert histories.apply(_sample(7, 0, 5)) == "new"
+    assert histories.apply(_sample(7, 0, 5)) == "duplicate"
+    assert histories.apply(_sample(7, 1, 6)) == "new"
+    # seq 4 after seq 1: the samples 2 and 3 are missing; the sample's recent items fill in.
+    assert histories.apply(_sample(7, 4, 9, recent=[5, 6, 7, 8])) == "gap"
+    assert histories.items(7) == [7, 8, 9]
+    assert histories.next_seq(7) == 5
+    restored = StreamHistories.from_state(histories.state())
+    assert restored.items(7) == [7, 8, 9] and restored.next_seq(7) == 5
+
+
+def test_examples_follow_each_models_cut_policy() -> None:
+    histories = StreamHistories(max_len=100)
+    for seq, item in enumerate([3, 4, 5, 6, 7, 8]):
+        histories.apply(_sample(1, seq, item))
+    rng = np.random.default_rng(0)
+    # SASRec-style: the newest prefix, predicting the newest item (every position is learned).
+    last = examples_for_step(histories, {1: (3, 6)}, registry.training_defaults("sasrec"), 0, rng)
+    assert len(last) == 1
+    assert last[0].history.tolist() == [3, 4, 5, 6, 7] and last[0].targets.tolist() == [8]
+    # HyMiRec-style: cuts only at the new positions, each predicting the items after it.
+    defaults = registry.training_defaults("hymirec")
+    cuts = examples_for_step(histories, {1: (3, 6)}, defaults, 0, rng)
+    assert 1 <= len(cuts) <= min(defaults.samples_per_user, 3)
+    for example in cuts:
+        cut = len(example.history)
+        assert cut in (3, 4, 5)
+        assert example.targets.tolist() == [3, 4, 5, 6, 7, 8][cut : cut + defaults.target_window]
+    # Replay adds examples from the whole history, ratio per new example.
+    mixed = examples_for_step(histories, {1: (3, 6)}, registry.training_defaults("sasrec"), 2, rng)
+    assert len(mixed) == 3
+    batch = make_batch(mixed, 1)
+    assert batch.history.shape == (3, 5) and batch.targets[:, 0].tolist() == [8, 8, 8]
+
+
+@pytest.mark.parametrize("name", ["sasrec", "hymirec"])
+def test_growing_the_catalogue_keeps_every_old_score(name: str) -> None:
+    catalog = tiny_catalog(NUM_ITEMS)
+    torch.manual_seed(0)
+    config = {"max_len": 20} if name == "sasrec" else {}
+    old = registry.build(name, catalog, **config).eval()
+    grown = registry.build(name, extend_catalog(catalog, NUM_ITEMS + 7), **config)
+    grow_model(old, grown, NUM_ITEMS + 1).eval()
+    batch = make_batch(_examples_for(catalog), 1)
+    with torch.no_grad():
+        before = old.score_all(batch)
+        after = grown.score_all(batch)
+    assert after.shape[1] == NUM_ITEMS + 8
+    torch.testing.assert_close(after[:, : NUM_ITEMS + 1], before)
+
+
+def _examples_for(catalog: object) -> list:  # type: ignore[type-arg]
+    histories = StreamHistories(20)
+    for seq, item in enumerate([1, 5, 9, 13]):
+        histories.apply(_sample(2, seq, item))
+    return examples_for_step(
+        histories, {2: (0, 4)}, registry.training_defaults("sasrec"), 0, np.random.default_rng(0)
+    )
+
+
+def test_new_items_in_the_stream_get_learned_without_a_restart() -> None:
+    trainer = ModelTrainer("sasrec", tiny_catalog(NUM_ITEMS), TrainerOptions(), {"max_len": 20})
+    trainer.learn(_stream(6, 10))
+    assert trainer.catalog.num_items == NUM_ITEMS
+    new_item = NUM_ITEMS + 5
+    # User 0 now keeps clicking a brand-new item after item 1.
+    records = []
+    for step in range(30):
+        offset = 1000 + 2 * step
+        records.append(StreamRecord(0, offset, _sample(99, 2 * step, 1), 0))
+        records.append(StreamRecord(0, offset + 1, _sample(99, 2 * step + 1, new_item), 0))
+    initial = None
+    for start in range(0, len(records), 10):
+        trainer.learn(records[start : start + 10])
+        if initial is None:
+            initial = trainer.model.item_embeddings()[new_item].detach().clone()
+    assert trainer.catalog.num_items == new_item
+    assert trainer.model.item_embeddings().shape[0] == new_item + 1
+    assert initial is not None
+    assert not torch.allclose(trainer.model.item_embeddings()[new_item], initial)
+    # The optimiser kept its moments for the old rows across the growth.
+    state = trainer.optimizer.state_dict()["state"] if trainer.optimizer else {}
+    assert state and all(int(s["step"]) > 1 for s in state.values())
+
+
+@pytest.mark.parametrize("name", ["sasrec", "hymirec", "popular"])
+def test_resume_restores_exactly_what_was_published(name: str, tmp_path: Path) -> None:
+    catalog = tiny_catalog(NUM_ITEMS)
+    config = {"max_len": 20} if name == "sasrec" else {}
+    trainer = ModelTrainer(name, catalog, TrainerOptions(), config)
+    stream = _stream(8, 12)
+    for start in range(0, 64, 16):
+        trainer.learn(stream[start : start + 16])
+    assert trainer.learn(stream[:16]) == 0  # already learned: offsets say so
+    store = CheckpointRegistry(tmp_path)
+    published = trainer.publish(store, "training", keep=3)
+    resumed = ModelTrainer.resume(store.latest(name), catalog, TrainerOptions())  # type: ignore[arg-type]
+    assert resumed.offsets == trainer.offsets and resumed.samples_seen == 64
+    assert (
+        resumed.digest == trainer.digest == sum(r.sample.event_id.int for r in stream[:64]) % 2**64
+    )
+    for user in range(8):
+        assert resumed.histories.items(user) == trainer.histories.items(user)
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value)
+    if trainer.optimizer is not None:
+        a, b = trainer.optimizer.state_dict(), resumed.optimizer.state_dict()  # type: ignore[union-attr]
+        for index, moments in a["state"].items():
+            for key, value in moments.items():
+                torch.testing.assert_close(b["state"][index][key], value)
+    # Both go on identically over the rest of the stream (same dropout draws).
+    for copy in (trainer, resumed):
+        torch.manual_seed(1)
+        copy.learn(stream[64:])
+    assert resumed.samples_seen == trainer.samples_seen == len(stream)
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value)
+    served = load_version_model(published, catalog)
+    assert not served.training
