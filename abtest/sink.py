@@ -11,7 +11,8 @@ pending batch is inserted and committed before the partitions are given up.
 An insert that fails is retried (``insert_attempts`` times, with a doubling back-off); after that
 the sink raises :class:`~hymirec.errors.AnalyticsError` without committing, and a restart resumes
 from the last committed offsets. On chdb the sink holds the ClickHouse directory for as long as it
-runs, so readouts on the same directory must wait until it stops (``abtest.clickhouse``).
+runs, so readouts on the same directory must wait until it stops (``abtest.clickhouse``); that is
+why the sink can publish the dashboard's readout snapshots itself (``abtest.publish``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from clickhouse_connect.driver.client import Client
@@ -37,6 +38,9 @@ from abtest.clickhouse import analytics_client, insert_events, load_item_dimensi
 from hymirec.errors import AnalyticsError, BrokerError, InvalidEvent
 from hymirec.settings import Settings
 from streaming.schema import Event, parse_event
+
+if TYPE_CHECKING:
+    from abtest.publish import ReadoutPublisher
 
 __all__ = ["EventSink", "SinkStats", "run_sink"]
 
@@ -60,12 +64,20 @@ class SinkStats:
     committed: int = 0
     commit_failures: int = 0
     insert_retries: int = 0
+    readout_publishes: int = 0
+    readout_publish_failures: int = 0
 
     def summary(self) -> str:
         bad = ", ".join(f"{k}={v}" for k, v in sorted(self.invalid.items())) or "none"
+        published = ""
+        if self.readout_publishes or self.readout_publish_failures:
+            published = (
+                f"; readouts published {self.readout_publishes} times, "
+                f"{self.readout_publish_failures} failed"
+            )
         return (
             f"{self.records} records, {self.inserted} rows inserted in {self.batches} batches, "
-            f"{self.committed} committed; invalid: {bad}"
+            f"{self.committed} committed; invalid: {bad}{published}"
         )
 
 
@@ -87,10 +99,18 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 class EventSink:
     """Consume ``settings.events_topic`` in group ``settings.sink_group_id`` into ``client``."""
 
-    def __init__(self, settings: Settings, client: Client, *, insert_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: Client,
+        *,
+        insert_attempts: int = 3,
+        publisher: ReadoutPublisher | None = None,
+    ) -> None:
         self.settings = settings
         self.client = client
         self.insert_attempts = max(1, insert_attempts)
+        self.publisher = publisher  # readout snapshots, published from this loop (it owns chdb)
         self.stats = SinkStats()
         self._pending: list[ConsumerRecord] = []
         self._batch_started: float | None = None
@@ -136,12 +156,28 @@ class EventSink:
                     or (started is not None and now - started >= window_s)
                 ):
                     self.flush()
+                self._publish_readouts()
                 if max_idle_s is not None and not self._pending and now - last_record > max_idle_s:
                     break
             self.flush()
         finally:
             self.close()
         return self.stats
+
+    def _publish_readouts(self) -> None:
+        """Publish the readout snapshots when due; a failure is logged and counted, never raised
+        (the pending records stay pending and are committed only after their insert)."""
+        if self.publisher is None or not self.publisher.due():
+            return
+        try:
+            report = self.publisher.publish()
+        except Exception:
+            self.stats.readout_publish_failures += 1
+            log.exception("readout publish failed; the sink goes on")
+            return
+        self.stats.readout_publishes += 1
+        if report.failed:
+            self.stats.readout_publish_failures += 1
 
     def _poll(self, max_records: int) -> list[ConsumerRecord]:
         try:
@@ -231,17 +267,26 @@ def run_sink(
     max_idle_s: float | None = None,
     *,
     items: pd.DataFrame | None = None,
+    publish_readouts: bool = False,
 ) -> SinkStats:
     """Open ClickHouse (creating the schema), load ``items`` if given, and run the sink.
 
-    Without ``stop``, SIGTERM and SIGINT stop it cleanly. Returns the final counts.
+    With ``publish_readouts`` the sink also writes the readout snapshots every
+    ``settings.readout_publish_s`` (``abtest.publish``), since on chdb no other process can read
+    the directory while it runs. Without ``stop``, SIGTERM and SIGINT stop it cleanly. Returns the
+    final counts.
     """
     own_stop = stop is None
     stop = stop or threading.Event()
     with analytics_client(settings) as client:
         if items is not None:
             load_item_dimension(client, items)
-        sink = EventSink(settings, client)
+        publisher = None
+        if publish_readouts:
+            from abtest.publish import ReadoutPublisher
+
+            publisher = ReadoutPublisher(settings, client)
+        sink = EventSink(settings, client, publisher=publisher)
         if not own_stop:
             return sink.run(stop, max_idle_s)
         with _stop_on_signals(stop):

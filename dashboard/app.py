@@ -1,0 +1,261 @@
+"""The experiment dashboard (Streamlit, read-only): ``hymirec dashboard``.
+
+It reads the readout snapshots that the publisher writes (``abtest.publish``), the model
+registry's metadata and the service's ``/status``; it never queries ClickHouse. Settings come from
+the ``HYMIREC_*`` environment, built once here at the edge.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import streamlit as st
+
+from abtest.snapshot import ExperimentSnapshot, PipelineSnapshot
+from dashboard import charts
+from dashboard.data import (
+    ReadoutFolder,
+    cumulative_frame,
+    effects_frame,
+    fetch_service_status,
+    lag_frame,
+    load_readouts,
+    load_registry,
+    model_versions_frame,
+    traffic_frame,
+)
+from hymirec.errors import HymirecError
+from hymirec.settings import Settings, load_settings
+
+NO_DATA = (
+    "No data yet: there are no readout snapshots in `{folder}`. Run `hymirec demo` (or run "
+    "`hymirec sink --publish-readouts`, or `hymirec readout --publish` against a ClickHouse "
+    "server) and reload."
+)
+
+
+def _pct(value: float | None, spec: str = "+.2%") -> str:
+    return "-" if value is None or pd.isna(value) else format(value, spec)
+
+
+def _num(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None or pd.isna(value) else format(value, spec)
+
+
+def _age(now_ms: int, ts_ms: int) -> str:
+    seconds = max(0.0, (now_ms - ts_ms) / 1000)
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def show_srm(snap: ExperimentSnapshot) -> None:
+    srm = snap.srm
+    if srm is None:
+        st.info("Sample ratio check needs at least two variants.")
+        return
+    counts = ", ".join(f"{a}={o}" for a, o in zip(srm.arms, srm.observed, strict=True))
+    basis = "the configured weights" if srm.weights_configured else "an equal split"
+    if srm.flagged:
+        st.error(
+            f"Sample ratio mismatch (SRM): users per variant ({counts}) do not match {basis} "
+            f"(chi-square p = {srm.p_value:.2g} < {srm.threshold}). The assignment or the logging "
+            "is broken: do not trust this experiment's effects until it is fixed."
+        )
+    else:
+        st.success(f"Sample ratio OK: {counts} match {basis} (p = {srm.p_value:.3g}).")
+
+
+def show_traffic(snap: ExperimentSnapshot) -> None:
+    st.subheader("Traffic")
+    if not snap.variants:
+        st.info("No exposed users yet.")
+        return
+    show_srm(snap)
+    columns = st.columns(max(1, len(snap.variants)))
+    for column, v in zip(columns, snap.variants, strict=False):
+        expected = "" if v.expected_share is None else f" (expected {v.expected_share:.1%})"
+        column.metric(v.variant, f"{v.users:,} users", f"{v.share:.1%} of users{expected}", "off")
+    left, right = st.columns(2)
+    left.altair_chart(charts.traffic_chart(snap), width="stretch")
+    traffic = traffic_frame(snap)
+    if not traffic.empty:
+        right.altair_chart(charts.traffic_over_time_chart(traffic), width="stretch")
+
+
+def show_effects(snap: ExperimentSnapshot, effects: pd.DataFrame) -> None:
+    st.subheader("Effects")
+    table = pd.DataFrame(
+        {
+            "metric": effects["metric"]
+            + effects["guardrail"].map({True: " (guardrail)", False: ""}),
+            "treatment": effects["treatment"],
+            "method": effects["method"],
+            "control": effects["control_mean"].map(_num),
+            "treatment mean": effects["treatment_mean"].map(_num),
+            "lift": effects["effect_rel"].map(_pct),
+            f"{1 - snap.alpha:.0%} CI": [
+                f"[{_pct(lo, '+.1%')}, {_pct(hi, '+.1%')}]"
+                for lo, hi in zip(effects["ci_rel_low"], effects["ci_rel_high"], strict=True)
+            ],
+            "p": effects["p_value"].map(lambda p: _num(p, ".4f")),
+            "p Holm": effects["p_holm"].map(lambda p: _num(p, ".4f")),
+            "p BH": effects["p_bh"].map(lambda p: _num(p, ".4f")),
+            "p sequential": effects["p_sequential"].map(lambda p: _num(p, ".4f")),
+            "note": effects["message"].where(effects["message"] != "ok", ""),
+        }
+    )
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption(
+        "Lift = effect / control mean with a delta-method interval. Holm controls the family-wise "
+        "error, Benjamini-Hochberg the false discovery rate, over all rows. The sequential p-value "
+        "(mSPRT) stays valid however often you look."
+    )
+    if effects["effect_rel"].notna().any():
+        st.altair_chart(charts.forest_chart(effects), width="stretch")
+
+
+def show_bayes(effects: pd.DataFrame) -> None:
+    st.subheader("Bayesian view")
+    if effects["chance_to_win"].notna().any():
+        st.altair_chart(charts.bayes_chart(effects), width="stretch")
+    st.caption(
+        "Chance to beat control: the posterior probability that the treatment is better (lower, "
+        "for latency and errors), normal approximation with a N(0, 0.3²) prior on the lift."
+    )
+
+
+def show_cumulative(snap: ExperimentSnapshot) -> None:
+    st.subheader("Cumulative effect over time")
+    if not snap.cumulative:
+        st.info("Not enough users per arm yet for a cumulative chart.")
+        return
+    labels = [f"{s.metric} · {s.treatment}" for s in snap.cumulative]
+    default = next((i for i, s in enumerate(snap.cumulative) if s.metric == "conversion"), 0)
+    choice = st.selectbox("metric", labels, index=default, key=f"cumulative-{snap.experiment}")
+    series = snap.cumulative[labels.index(choice)]
+    st.altair_chart(
+        charts.cumulative_chart(cumulative_frame(series), series.metric), width="stretch"
+    )
+    st.caption(
+        f"Orange: fixed-horizon {1 - series.alpha:.0%} CI, valid for one look decided in advance. "
+        "Blue: the always-valid confidence sequence (mSPRT normal mixture, "
+        f"τ = {series.tau:.3g}), valid at every look at once. Users are added by first exposure."
+    )
+
+
+def show_guardrails(snap: ExperimentSnapshot) -> None:
+    st.subheader("Guardrails")
+    breached = [c for c in snap.guardrails.checks if c.breached]
+    for check in breached:
+        st.error(f"Guardrail breached: {check.detail}")
+    if not breached:
+        st.success("No guardrail breached.")
+    if any(g.latency_p99_ms is not None for g in snap.guardrails.per_variant):
+        st.altair_chart(charts.latency_chart(snap), width="stretch")
+    rows = [g.model_dump() for g in snap.guardrails.per_variant]
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+
+def show_experiment(snap: ExperimentSnapshot, settings: Settings) -> None:
+    now_ms = int(time.time() * 1000)
+    st.header(snap.experiment)
+    st.caption(
+        f"control `{snap.control}` · {snap.total_users:,} users "
+        f"({snap.excluded_users} excluded: exposed to several variants) · snapshot "
+        f"{_age(now_ms, snap.generated_at_ms)} old · training policy: {snap.training_policy}"
+    )
+    if now_ms - snap.generated_at_ms > 3_000 * max(settings.readout_publish_s, 10.0):
+        st.warning("This snapshot is stale: is the sink (or `hymirec readout --publish`) running?")
+    if snap.notes:
+        st.caption(f"notes: {snap.notes}")
+    show_traffic(snap)
+    effects = effects_frame(snap)
+    if effects.empty:
+        st.info("No treatment with exposed users to compare yet.")
+    else:
+        show_effects(snap, effects)
+        show_bayes(effects)
+    show_cumulative(snap)
+    show_guardrails(snap)
+
+
+def show_models(settings: Settings) -> None:
+    st.subheader("Models in service and their freshness")
+    service = fetch_service_status(settings.serve_host, settings.serve_port)
+    if not service.reachable:
+        st.warning(f"Service not reachable at {service.url} ({service.error}).")
+    registry = load_registry(settings.registry_dir)
+    for history in registry:
+        for version, problem in history.errors.items():
+            st.error(f"{history.model}/{version}: unreadable metadata: {problem}")
+    frame = model_versions_frame(registry, service, int(time.time() * 1000))
+    if frame.empty:
+        st.info(f"No model versions in `{settings.registry_dir}` yet.")
+        return
+    st.dataframe(frame, hide_index=True, width="stretch")
+    st.caption(
+        "newest ingest age: since the newest learned event entered Kafka. event→publish: "
+        "trainer percentiles from Kafka ingest to the version's publish. event→served: "
+        "for the version in service, its load time minus its newest event's ingest time."
+    )
+
+
+def show_pipeline(folder: ReadoutFolder) -> None:
+    st.subheader("Pipeline health")
+    if folder.pipeline_error:
+        st.error(folder.pipeline_error)
+    pipeline: PipelineSnapshot | None = folder.pipeline
+    if pipeline is None:
+        st.info("No pipeline snapshot yet.")
+        return
+    if not pipeline.reachable:
+        st.warning(f"Kafka not reachable at {pipeline.bootstrap}: {pipeline.error}")
+        return
+    a, b, c = st.columns(3)
+    a.metric("events/s", _num(pipeline.events_per_s, ".1f"))
+    b.metric(f"records in {pipeline.events_topic}", _num(pipeline.events_end_offset, ",d"))
+    c.metric("dead-letter records", _num(pipeline.dead_letter_records, ",d"))
+    lags = lag_frame(pipeline)
+    if not lags.empty and lags["lag"].notna().any():
+        st.altair_chart(charts.lag_chart(lags), width="stretch")
+    st.dataframe(lags, hide_index=True, width="stretch")
+
+
+def render(settings: Settings, choice: str | None) -> None:
+    folder = load_readouts(settings.readouts_dir)
+    if folder.empty:
+        st.info(NO_DATA.format(folder=settings.readouts_dir))
+    elif choice in folder.experiments:
+        show_experiment(folder.experiments[choice], settings)
+    elif choice in folder.errors:
+        st.error(f"Cannot show this experiment: {folder.errors[choice]}")
+    show_models(settings)
+    show_pipeline(folder)
+
+
+def main() -> None:
+    st.set_page_config(page_title="hymirec experiments", layout="wide")
+    st.title("hymirec experiments")
+    try:
+        settings = load_settings()
+    except HymirecError as exc:
+        st.error(str(exc))
+        return
+    folder = load_readouts(settings.readouts_dir)
+    st.sidebar.header("Experiments")
+    names = [*sorted(folder.experiments), *sorted(folder.errors)]
+    flagged = {n for n, s in folder.experiments.items() if s.srm is not None and s.srm.flagged}
+
+    def label(name: str) -> str:
+        if name in folder.errors:
+            return f"{name} (unreadable)"
+        return f"⚠ {name} (SRM)" if name in flagged else name
+
+    choice = st.sidebar.radio("experiment", names, format_func=label) if names else None
+    auto = st.sidebar.toggle(f"auto-refresh every {settings.readout_publish_s:g} s", value=False)
+    st.sidebar.button("Reload")
+    st.fragment(render, run_every=settings.readout_publish_s if auto else None)(settings, choice)
+
+
+main()

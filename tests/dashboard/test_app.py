@@ -1,0 +1,232 @@
+"""The Streamlit dashboard under Streamlit's AppTest, on snapshots the real publisher wrote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from abtest.metrics import USER_METRIC_COLUMNS, ExperimentMetrics
+from abtest.publish import ExperimentPlan, build_snapshot, publish_pipeline_health
+from abtest.snapshot import write_json_atomic
+from dashboard.data import (
+    ServedModel,
+    ServiceProbe,
+    ServiceStatus,
+    effects_frame,
+    fetch_service_status,
+    load_readouts,
+    load_registry,
+    model_versions_frame,
+)
+from hymirec.settings import Settings
+from streaming.kafka_io import EventProducer, ensure_topics
+from tests.conftest import free_port
+from tests.dashboard.conftest import BALANCED, BROKEN, Published
+
+REQUEST_COLUMNS = (
+    "variant",
+    "requests",
+    "latency_requests",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "errors",
+)
+APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+
+
+def data_dir_with(published: Published, tmp_path: Path) -> Path:
+    """A fresh data dir holding a copy of the published snapshots."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(published.folder, data_dir / "readouts")
+    return data_dir
+
+
+@pytest.fixture
+def run_app(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], AppTest]:
+    def run(data_dir: Path) -> AppTest:
+        monkeypatch.setenv("HYMIREC_DATA_DIR", str(data_dir))
+        monkeypatch.setenv("HYMIREC_SERVE_PORT", str(free_port()))  # nothing listens there
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    return run
+
+
+def texts(elements: object) -> list[str]:
+    return [str(e.value) for e in elements]  # type: ignore[attr-defined]
+
+
+def test_lists_experiments_and_flags_the_broken_split(
+    published: Published, tmp_path: Path, run_app: Callable[[Path], AppTest]
+) -> None:
+    at = run_app(data_dir_with(published, tmp_path))
+    radio = at.sidebar.radio[0]
+    assert radio.options == [BALANCED, f"⚠ {BROKEN} (SRM)"]
+
+    at = radio.set_value(BROKEN).run()
+    assert not at.exception
+    srm = [t for t in texts(at.error) if t.startswith("Sample ratio mismatch")]
+    assert len(srm) == 1
+    assert "do not trust this experiment's effects" in srm[0]
+    snap = load_readouts(published.folder).experiments[BROKEN]
+    assert snap.srm is not None
+    assert f"control={snap.srm.observed[0]}, treatment={snap.srm.observed[1]}" in srm[0]
+    assert any(t.startswith("Guardrail breached: latency_ms") for t in texts(at.error))
+    assert len(at.get("vega_lite_chart")) >= 6  # traffic ×2, forest, Bayes, cumulative, latency
+    assert at.header[0].value == BROKEN
+    table = at.dataframe[0].value
+    assert set(table["metric"]) >= {"conversion", "latency_ms (guardrail)"}
+    assert any("Service not reachable" in t for t in texts(at.warning))
+
+    at = at.sidebar.radio[0].set_value(BALANCED).run()
+    assert not at.exception
+    assert not any(t.startswith("Sample ratio mismatch") for t in texts(at.error))
+    assert any(t.startswith("Sample ratio OK") for t in texts(at.success))
+
+
+def test_cumulative_metric_can_be_switched(
+    published: Published, tmp_path: Path, run_app: Callable[[Path], AppTest]
+) -> None:
+    at = run_app(data_dir_with(published, tmp_path))
+    box = at.selectbox[0]
+    assert box.value == "conversion · treatment"
+    at = box.set_value("latency_ms · treatment").run()
+    assert not at.exception
+    specs = [json.dumps(c.proto.spec) for c in at.get("vega_lite_chart")]
+    assert any("effect on latency_ms" in s for s in specs)
+
+
+def test_empty_folder_shows_a_friendly_message(
+    tmp_path: Path, run_app: Callable[[Path], AppTest]
+) -> None:
+    at = run_app(tmp_path / "nothing-here")
+    assert any("No data yet" in t and "hymirec demo" in t for t in texts(at.info))
+    assert at.sidebar.radio.len == 0
+    assert not at.get("vega_lite_chart")
+
+
+def test_a_corrupt_snapshot_shows_an_error_for_that_experiment_only(
+    published: Published, tmp_path: Path, run_app: Callable[[Path], AppTest]
+) -> None:
+    data_dir = data_dir_with(published, tmp_path)
+    (data_dir / "readouts" / "half-written.json").write_text('{"schema_version": 1, "exp')
+    at = run_app(data_dir)
+    assert "half-written.json (unreadable)" in at.sidebar.radio[0].options
+    at = at.sidebar.radio[0].set_value("half-written.json").run()
+    assert not at.exception
+    assert any("half-written.json is not valid JSON" in t for t in texts(at.error))
+    at = at.sidebar.radio[0].set_value(BROKEN).run()
+    assert at.header[0].value == BROKEN and at.get("vega_lite_chart")
+
+
+def write_version(registry: Path, model: str, version: str, **overrides: object) -> None:
+    folder = registry / model / version
+    folder.mkdir(parents=True)
+    meta = {
+        "model": model,
+        "version": version,
+        "published_at_ms": 1_700_000_100_000,
+        "samples_seen": 5000,
+        "newest_event_ts_ms": 1_700_000_000_000,
+        "newest_ingest_ts_ms": 1_700_000_050_000,
+        "freshness_ms": {"p50": 1500.0, "p99": 4200.0, "max": 6000.0},
+        "metrics": {"prequential_recall@50": 0.21, "loss": 3.2},
+        "device": "cpu",
+        "format": 1,
+    } | overrides
+    (folder / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_model_versions_and_freshness(tmp_path: Path) -> None:
+    registry = tmp_path / "model_registry"
+    write_version(registry, "hymirec", "v000001")
+    write_version(registry, "hymirec", "v000002", newest_ingest_ts_ms=1_700_000_080_000)
+    (registry / "hymirec" / "LATEST").write_text("v000002\n")
+    (registry / "hymirec" / "v000003").mkdir()
+    (registry / "hymirec" / "v000003" / "metadata.json").write_text('{"model": "hymirec"}')
+    (registry / "hymirec" / ".tmp-v000004").mkdir()  # being written: ignored
+    history = load_registry(registry)
+    assert [h.model for h in history] == ["hymirec"]
+    assert history[0].latest == "v000002"
+    assert [v.version for v in history[0].versions] == ["v000001", "v000002"]
+    assert "v000003/metadata.json" in history[0].errors["v000003"]
+
+    served = ServiceStatus(
+        models={
+            "hymirec": ServedModel(
+                version="v000002", loaded_at_ms=1_700_000_090_000, published_at_ms=1_700_000_100_000
+            )
+        }
+    )
+    frame = model_versions_frame(history, ServiceProbe("x", served, None), 1_700_000_200_000)
+    rows = frame.set_index("version")
+    assert rows.loc["v000002", "in service"] and rows.loc["v000002", "latest"]
+    assert not rows.loc["v000001", "in service"]
+    assert rows.loc["v000002", "event→served s"] == pytest.approx(10.0)
+    assert pd.isna(rows.loc["v000001", "event→served s"])
+    assert rows.loc["v000001", "newest ingest age s"] == pytest.approx(150.0)
+    assert rows.loc["v000002", "event→publish p99 s"] == pytest.approx(4.2)
+
+
+def test_service_down_is_reported_quickly() -> None:
+    probe = fetch_service_status("127.0.0.1", free_port(), timeout_s=0.5)
+    assert not probe.reachable and probe.error
+
+
+def test_app_shows_models_and_pipeline(
+    published: Published,
+    tmp_path: Path,
+    run_app: Callable[[Path], AppTest],
+    make_settings: Callable[..., Settings],
+) -> None:
+    data_dir = data_dir_with(published, tmp_path)
+    write_version(data_dir / "model_registry", "sasrec", "v000007")
+    (data_dir / "model_registry" / "sasrec" / "LATEST").write_text("v000007")
+    settings = make_settings(data_dir=data_dir)
+    ensure_topics(settings)
+    with EventProducer(settings) as producer:
+        producer.send_raw(b"1", b"{}")
+    publish_pipeline_health(settings)
+    at = run_app(data_dir)
+    models = next(d.value for d in at.dataframe if "samples seen" in d.value.columns)
+    assert list(models["version"]) == ["v000007"]
+    labels = {m.label: m.value for m in at.metric}
+    assert labels[f"records in {settings.events_topic}"] == "1"
+    assert labels["dead-letter records"] == "0"
+    lags = next(d.value for d in at.dataframe if "lag" in d.value.columns)
+    assert len(lags) == 3
+
+
+def test_effects_frame_verdicts(published: Published) -> None:
+    folder = load_readouts(published.folder)
+    frame = effects_frame(folder.experiments[BROKEN]).set_index("metric")
+    assert frame.loc["latency_ms", "verdict"] == "worse"
+    assert frame.loc["ctr", "verdict"] == "not significant"
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [None, ExperimentPlan(weights={"a": 0.5, "b": 0.5})],
+    ids=["nothing-known", "weights-known"],
+)
+def test_an_experiment_without_users_renders(
+    plan: ExperimentPlan | None, tmp_path: Path, run_app: Callable[[Path], AppTest]
+) -> None:
+    users = pd.DataFrame({c: pd.Series(dtype="int64") for c in USER_METRIC_COLUMNS})
+    users["variant"] = users["variant"].astype(object)
+    requests = pd.DataFrame(columns=list(REQUEST_COLUMNS))
+    snap = build_snapshot(ExperimentMetrics("planned", users, 0, 14), requests, plan=plan)
+    write_json_atomic(tmp_path / "data" / "readouts" / "planned.json", snap)
+    at = run_app(tmp_path / "data")
+    infos = texts(at.info)
+    assert "No treatment with exposed users to compare yet." in infos
+    assert ("No exposed users yet." in infos) == (plan is None)
+    if plan is not None:
+        assert any("Sample ratio OK: a=0, b=0" in t for t in texts(at.success))
