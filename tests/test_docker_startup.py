@@ -1,0 +1,195 @@
+"""Every service's command in docker/compose.yaml starts in the embedded mode: the session broker
+stands in for Kafka, chdb for ClickHouse, Feast's SQLite store for Redis, the CPU for the GPU.
+
+STARTUP_PROBES is the table: one row per compose service whose `hymirec` command exists, with
+the probe that says it is up. PENDING_COMMANDS lists the services whose command is not in
+`hymirec --help` yet; a check keeps the two in step with the compose file.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hymirec.processes import ServiceProcess
+from hymirec.settings import Settings
+from tests.conftest import free_port, wait_until
+from tests.docker_stack import (
+    command,
+    environment,
+    hymirec_services,
+    run_tool,
+    services,
+    settings_of,
+)
+
+
+@dataclass(frozen=True)
+class Running:
+    service: str
+    process: ServiceProcess
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class Startup:
+    """How to tell that a service's command is up: ``ready`` is polled until it holds. A one-shot
+    command is up when it has exited 0. ``after`` names services whose commands run first."""
+
+    ready: Callable[[Running], bool]
+    one_shot: bool = False
+    after: tuple[str, ...] = ()
+    fails_on: str = ""  # a log line that means it will not come up: stop waiting
+
+
+def healthcheck_passes(run: Running) -> bool:
+    """The service's own compose healthcheck, aimed at the port the embedded process listens on."""
+    argv = [str(a) for a in services()[run.service]["healthcheck"]["test"]]
+    for key, value in environment(run.service).items():
+        if key.endswith("_PORT"):
+            port = getattr(run.settings, key.removeprefix("HYMIREC_").lower())
+            argv = [a.replace(f"127.0.0.1:{value}", f"127.0.0.1:{port}") for a in argv]
+    if argv[0] == "CMD-SHELL":
+        argv = ["sh", "-c", argv[1]]
+    else:
+        argv = [sys.executable if a == "python" else a for a in argv[1:]]
+    return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+
+
+def log_says(text: str) -> Callable[[Running], bool]:
+    return lambda run: text in run.process.tail(400)
+
+
+def file_written(path: Callable[[Settings], Path]) -> Callable[[Running], bool]:
+    return lambda run: path(run.settings).is_file()
+
+
+def exited_cleanly(run: Running) -> bool:
+    return not run.process.alive() and run.process.stop() == 0
+
+
+# One row per service whose `hymirec` command exists; add the pending ones here as they land.
+STARTUP_PROBES: dict[str, Startup] = {
+    "dashboard": Startup(healthcheck_passes),
+    "features-init": Startup(exited_cleanly, one_shot=True),
+    "readout-publisher": Startup(
+        file_written(lambda s: s.readouts_dir / "_pipeline.json"), fails_on="publish failed"
+    ),
+    "sink": Startup(log_says("sink assigned")),
+    "trainer": Startup(log_says("trainer ready"), after=("features-init",)),
+    "worker": Startup(healthcheck_passes, after=("features-init",)),
+}
+# Compose services whose command is not in `hymirec --help` yet (being written), or that need a
+# pending one to start (the simulator needs the recommendation service).
+PENDING_COMMANDS: dict[str, str] = {
+    "recommender": "hymirec serve",
+    "simulator": "hymirec simulate",
+}
+
+
+@functools.cache
+def cli_help(*args: str) -> str:
+    result = run_tool([sys.executable, "-m", "hymirec.cli", *args, "--help"])
+    return result.stdout if result.returncode == 0 else ""
+
+
+def missing_from_cli(args: list[str]) -> str | None:
+    """Why ``hymirec <args>`` would not parse today, or None."""
+    choices = re.search(r"\{([\w,-]+)\}", cli_help())
+    assert choices, cli_help()
+    if args[0] not in choices.group(1).split(","):
+        return f"`hymirec {args[0]}` is not a command (hymirec --help: {choices.group(0)})"
+    for arg in args[1:]:
+        if not re.search(rf"(?<![\w-]){re.escape(arg)}(?![\w-])", cli_help(args[0])):
+            return f"`{arg}` is not in `hymirec {args[0]} --help`"
+    return None
+
+
+# What differs between the stack and the embedded mode: endpoints, listening addresses, device.
+EMBEDDED_FIELDS = {"data_dir", "kafka_bootstrap", "clickhouse_dsn", "feast_config", "redis_url"}
+EMBEDDED_FIELDS |= {"serve_host", "trainer_device"}
+
+
+def embedded_settings(service: str, make_settings: Callable[..., Settings]) -> Settings:
+    """The service's own settings from the compose file, with embedded endpoints, free ports and
+    consumer groups of its own on the session broker."""
+    production = settings_of(service).model_dump(exclude_unset=True)
+    values = {k: v for k, v in production.items() if k not in EMBEDDED_FIELDS}
+    fields = [f for f in Settings.model_fields if f != "broker_port"]
+    values |= {f: free_port() for f in fields if f.endswith("_port")}
+    values |= {f: f"{f}-{uuid.uuid4().hex[:8]}" for f in fields if f.endswith("_group_id")}
+    return make_settings(**values)
+
+
+def start(service: str, settings: Settings) -> Running:
+    args = command(service)
+    assert args[0] == "hymirec", f"{service}: {args}"
+    if (missing := missing_from_cli(args[1:])) is not None:
+        pytest.fail(f"{service}: {missing}")
+    return Running(service, ServiceProcess(service, args[1:], settings).start(), settings)
+
+
+def wait_ready(run: Running, probe: Startup) -> None:
+    what = f"`{' '.join(command(run.service))}` ({run.service}) to be up"
+
+    def up() -> bool:
+        if not run.process.alive() or (probe.fails_on and probe.fails_on in run.process.tail()):
+            return True
+        return not probe.one_shot and probe.ready(run)
+
+    try:
+        wait_until(up, 300 if probe.one_shot else 180, what, every_s=0.5)
+    except pytest.fail.Exception as exc:
+        pytest.fail(f"{exc}; its log ends:\n{run.process.tail()}")
+    assert probe.one_shot or run.process.alive(), f"{run.service} exited:\n{run.process.tail()}"
+    assert probe.ready(run), f"{run.service} is not ready:\n{run.process.tail()}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("service", sorted(STARTUP_PROBES))
+def test_the_service_command_starts_in_the_embedded_mode(
+    service: str,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # Faust keeps its scratch folder in the working directory
+    settings = embedded_settings(service, make_settings)
+    started: list[Running] = []
+    try:
+        for name in [*STARTUP_PROBES[service].after, service]:
+            started.append(run := start(name, settings))
+            wait_ready(run, STARTUP_PROBES[name])
+        for run in reversed(started):
+            assert run.process.stop() == 0, (
+                f"{run.service} did not stop cleanly:\n{run.process.tail()}"
+            )
+    finally:
+        for run in started:
+            run.process.kill()
+
+
+def test_every_hymirec_service_has_a_startup_probe_or_is_pending() -> None:
+    in_compose = {s: " ".join(command(s)) for s in hymirec_services()}
+    assert not set(STARTUP_PROBES) & set(PENDING_COMMANDS)
+    assert set(in_compose) == set(STARTUP_PROBES) | set(PENDING_COMMANDS), (
+        "every compose service that runs `hymirec` needs a STARTUP_PROBES row or a "
+        "PENDING_COMMANDS entry"
+    )
+    for service, cmd in PENDING_COMMANDS.items():
+        assert in_compose[service] == cmd, f"{service}: compose runs `{in_compose[service]}`"
+        # A command that exists can still wait for a pending one it needs to start.
+        waits_for = [d for d in services()[service].get("depends_on", {}) if d in PENDING_COMMANDS]
+        if missing_from_cli(cmd.split()[1:]) is None and not waits_for:
+            pytest.fail(
+                f"`{cmd}` exists now: move {service} from PENDING_COMMANDS to STARTUP_PROBES "
+                "with its readiness probe"
+            )
