@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings, load_settings
@@ -85,16 +86,68 @@ def _sink(settings: Settings, args: argparse.Namespace) -> int:
     from streaming.kafka_io import ensure_topics
 
     ensure_topics(settings)
-    stats = run_sink(settings, max_idle_s=args.max_idle, items=load_items())
+    stats = run_sink(
+        settings,
+        max_idle_s=args.max_idle,
+        items=load_items(),
+        publish_readouts=args.publish_readouts,
+    )
     print(f"sink stopped: {stats.summary()}")
     return 0
 
 
 def _readout(settings: Settings, args: argparse.Namespace) -> int:
+    if args.publish:
+        import signal
+        import threading
+
+        from abtest.publish import run_publish_loop
+
+        stop = threading.Event()
+        if not args.once:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: stop.set())
+        failed = run_publish_loop(settings, every_s=args.every, stop=stop, once=args.once)
+        print(f"readout snapshots in {settings.readouts_dir} ({failed} failed publish cycles)")
+        return 1 if args.once and failed else 0
+    if args.experiment is None:
+        raise HymirecError("name an experiment, or pass --publish to write the dashboard snapshots")
     from abtest.readout import experiment_readout, format_readout
 
     readout = experiment_readout(settings, args.experiment, control=args.control, notes=args.notes)
     print(format_readout(readout))
+    return 0
+
+
+def _dashboard(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    import dashboard
+
+    app = Path(dashboard.__file__).resolve().parent / "app.py"
+    port = args.port or settings.dashboard_port
+    command = [
+        sys.executable,
+        *("-m", "streamlit", "run", str(app)),
+        *("--server.headless", "true", "--server.address", "127.0.0.1"),
+        *("--server.port", str(port), "--browser.gatherUsageStats", "false"),
+        *("--server.fileWatcherType", "none"),
+    ]
+    print(f"dashboard on http://127.0.0.1:{port} (reads {settings.readouts_dir})", flush=True)
+    # The app builds the same settings at its own edge from these HYMIREC_* variables. exec, not a
+    # child process, so that SIGTERM and Ctrl-C reach Streamlit itself and nothing is orphaned.
+    os.execve(sys.executable, command, {**os.environ, **settings.placeholders()})
+
+
+def _experiments(settings: Settings, args: argparse.Namespace) -> int:
+    from abtest.experiments import load_experiments
+    from abtest.splitter import Splitter
+
+    config = load_experiments(args.file or settings.experiments_file)
+    if args.action == "validate":
+        print(config.summary())
+    else:
+        print(Splitter(config).route(args.user_id, now_ms=args.now_ms).describe())
     return 0
 
 
@@ -122,6 +175,44 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     path = checkpoint_path(settings.data_dir, args.model, args.seed)
     metrics = evaluate_checkpoint(path, build_catalog(settings), load_movielens_sequences())
     print(f"test:  {format_metrics(metrics)}")
+    return 0
+
+
+def _trainer(settings: Settings, args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from model.data import build_catalog
+    from model.trainer_loop import run_trainer
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    report = run_trainer(settings, build_catalog(settings), models, stop, args.max_idle)
+    for name, versions in report.versions.items():
+        last = versions[-1] if versions else "-"
+        print(f"{name}: {len(versions)} version(s) published, last {last}")
+    print(f"trainer: {report.samples} samples learned, {report.dead_letters} dead-lettered")
+    return 0
+
+
+def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from simulator.client import run_simulation
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("sim_users", args.users),
+            ("sim_rate_per_s", args.rate),
+            ("sim_seed", args.seed),
+        )
+        if value is not None
+    }
+    if overrides:
+        settings = load_settings(**overrides)  # the environment, with the flags on top
+    stats = run_simulation(settings, args.duration, k=args.k, paced=not args.unpaced)
+    print(f"simulator stopped: {stats.summary()}")
     return 0
 
 
@@ -157,17 +248,50 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument(
         "--max-idle", type=float, default=None, help="stop after this many s without events"
     )
+    sink.add_argument(
+        "--publish-readouts",
+        action="store_true",
+        help="also write the dashboard's readout snapshots every HYMIREC_READOUT_PUBLISH_S s",
+    )
     sink.set_defaults(run=_sink)
 
     readout = sub.add_parser("readout", help="an experiment's metrics, effects and SRM check")
-    readout.add_argument("experiment", help="experiment name, as logged in impressions")
+    readout.add_argument(
+        "experiment", nargs="?", default=None, help="experiment name, as logged in impressions"
+    )
     readout.add_argument(
         "--control",
         default=None,
         help='control variant (default: "control" if present, else the first by name)',
     )
     readout.add_argument("--notes", default=None, help="e.g. which training policy ran")
+    readout.add_argument(
+        "--publish",
+        action="store_true",
+        help="write every experiment's snapshot for the dashboard, in a loop (needs ClickHouse "
+        "to itself on chdb: there, prefer `hymirec sink --publish-readouts`)",
+    )
+    readout.add_argument(
+        "--every", type=float, default=None, help="seconds between publishes (default: settings)"
+    )
+    readout.add_argument("--once", action="store_true", help="with --publish: publish once")
     readout.set_defaults(run=_readout)
+
+    dashboard = sub.add_parser("dashboard", help="the Streamlit experiment dashboard (foreground)")
+    dashboard.add_argument(
+        "--port", type=int, default=None, help="default: HYMIREC_DASHBOARD_PORT (8501)"
+    )
+    dashboard.set_defaults(run=_dashboard)
+
+    experiments = sub.add_parser("experiments", help="check the experiments file, route a user")
+    experiments_sub = experiments.add_subparsers(dest="action", required=True)
+    validate = experiments_sub.add_parser("validate", help="validate and summarise the file")
+    assign = experiments_sub.add_parser("assign", help="the model and variants a user gets")
+    assign.add_argument("user_id", type=int)
+    assign.add_argument("--now-ms", type=int, default=None, help="epoch ms (default: now)")
+    for command in (validate, assign):
+        command.add_argument("--file", type=Path, default=None, help="default: the settings' file")
+    experiments.set_defaults(run=_experiments)
 
     models = "popular, sasrec, hstu, hymirec, persrec or fuxi_mme (model/registry.py)"
     train = sub.add_parser("train", help="train a model offline on ML-100K and save it")
@@ -176,10 +300,40 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=30, help="at most; early stopping decides")
     train.set_defaults(run=_train)
 
+    trainer = sub.add_parser(
+        "trainer", help="learn online from the training-samples topic; publish model versions"
+    )
+    trainer.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated (default: HYMIREC_TRAINER_MODELS, "
+        "else the models the experiments serve)",
+    )
+    trainer.add_argument(
+        "--max-idle", type=float, default=None, help="stop after this many s without samples"
+    )
+    trainer.set_defaults(run=_trainer)
+
     evaluate = sub.add_parser("eval", help="test metrics of a model saved by `hymirec train`")
     evaluate.add_argument("--model", required=True, help=models)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=_eval)
+    simulate = sub.add_parser(
+        "simulate", help="simulated multi-interest users request lists and click (foreground)"
+    )
+    simulate.add_argument(
+        "--duration", type=float, default=None, help="simulated seconds (default: until Ctrl-C)"
+    )
+    simulate.add_argument("--users", type=int, default=None, help="default: HYMIREC_SIM_USERS")
+    simulate.add_argument(
+        "--rate", type=float, default=None, help="requests/s (default: HYMIREC_SIM_RATE_PER_S)"
+    )
+    simulate.add_argument("--seed", type=int, default=None, help="default: HYMIREC_SIM_SEED")
+    simulate.add_argument("--k", type=int, default=10, help="items per request")
+    simulate.add_argument(
+        "--unpaced", action="store_true", help="send requests back to back, not at --rate"
+    )
+    simulate.set_defaults(run=_simulate)
     return parser
 
 

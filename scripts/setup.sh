@@ -31,5 +31,25 @@ pip install torch==2.13.0
 pip install -e ".${extras}"
 # MovieLens-100K ships inside the recbole wheel; it is a data-only dependency (no deps pulled).
 pip install --no-deps recbole==1.2.1
+if [ "${1:-}" = "--dev" ] && [ ! -x /usr/bin/chromium ]; then
+  # The dashboard's browser test drives Debian's headless Chromium over the DevTools protocol.
+  echo "setup: installing chromium with apt-get" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+if [ "${1:-}" = "--dev" ]; then
+  # Offline validators of docker/compose.yaml (no Docker engine here; scripts/validate_compose.sh):
+  # Debian's docker-compose (1.29.2 in bookworm; no engine pulled in) and dclint, pinned, in .tools/.
+  if ! command -v docker-compose >/dev/null; then
+    echo "setup: installing docker-compose with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+  fi
+  if [ "$(.tools/dclint/node_modules/.bin/dclint --version 2>/dev/null)" != "3.1.0" ]; then
+    if command -v npm >/dev/null; then
+      npm install --prefix .tools/dclint --no-audit --no-fund --silent dclint@3.1.0
+    else
+      echo "setup: npm (Node >= 20.19) not found: dclint not installed, its test will skip" >&2
+    fi
+  fi
+fi
 .venv/bin/python -c "import features, streaming, hymirec; from hymirec.movielens import movielens_dir; movielens_dir()"
 echo "setup: done (.venv ready; run .venv/bin/hymirec --help)"

@@ -1,0 +1,115 @@
+"""Exposure logging: what a response showed, as ``impression`` events on the events topic.
+
+One impression per shown item with its 0-based position, the request id, the model version and
+the request's latency (``abtest.metrics`` counts impressions per user, distinct request ids as
+exposures, and each request's latency once). A user in experiments of several layers gets one
+impression per item *per layer*, tagged with that layer's experiment and variant, so each
+experiment's analytics see every exposure of its users; a held-out user's are tagged
+``holdout``/``holdout``, and a user in no experiment gets untagged impressions.
+
+Sending is asynchronous (kafka-python buffers and a background thread sends); :meth:`check`
+flushes and reports records the broker did not acknowledge, and the readiness probe uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hymirec.errors import BrokerError
+from hymirec.settings import Settings
+from streaming.kafka_io import EventProducer
+from streaming.schema import Event
+
+__all__ = ["Exposure", "ExposureLog", "impression_events"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """One served list and the assignments it is logged under."""
+
+    user_id: int
+    request_id: str
+    items: Sequence[int]
+    assignments: Sequence[tuple[str | None, str | None]]  # (experiment, variant) pairs
+    model_version: str
+    latency_ms: float
+    ts_ms: int
+
+
+def impression_events(exposure: Exposure) -> list[Event]:
+    """One ``impression`` per item and assignment, positions 0..k-1 in list order."""
+    return [
+        Event(
+            event_id=uuid.uuid4(),
+            user_id=exposure.user_id,
+            item_id=item,
+            event_type="impression",
+            ts_ms=exposure.ts_ms,
+            experiment=experiment,
+            variant=variant,
+            request_id=exposure.request_id,
+            model_version=exposure.model_version,
+            position=position,
+            latency_ms=max(0.0, exposure.latency_ms),
+        )
+        for experiment, variant in exposure.assignments
+        for position, item in enumerate(exposure.items)
+    ]
+
+
+class ExposureLog:
+    """Impressions to ``settings.events_topic`` through the project's :class:`EventProducer`."""
+
+    def __init__(self, settings: Settings, max_block_ms: int = 2000) -> None:
+        # max_block_ms bounds how long a send may block a request thread when the broker is
+        # unreachable (kafka-python's default is 60 s).
+        self.producer = EventProducer(settings, max_block_ms=max_block_ms)
+        self.topic = settings.events_topic
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.failed = 0
+        self.healthy = True
+        self.last_error: str | None = None
+
+    def log(self, exposure: Exposure) -> int:
+        """Queue the exposure's impressions; return how many. BrokerError if one cannot be."""
+        events = impression_events(exposure)
+        try:
+            for event in events:
+                self.producer.send(event)
+        except BrokerError as exc:
+            with self._lock:
+                self.failed += len(events)
+                self.healthy = False
+                self.last_error = str(exc)
+            raise
+        with self._lock:
+            self.sent += len(events)
+        return len(events)
+
+    def check(self, timeout_s: float = 10.0) -> bool:
+        """Flush; healthy when every impression sent so far was acknowledged."""
+        try:
+            self.producer.flush(timeout_s)
+        except BrokerError as exc:
+            with self._lock:
+                self.healthy = False
+                self.last_error = str(exc)
+            log.error("exposure events were not stored: %s", exc)
+            return False
+        with self._lock:
+            self.healthy = True
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        start = time.monotonic()
+        self.check(timeout_s)
+        self.producer.close()
+        log.info("exposure log closed after %.2f s (%d sent)", time.monotonic() - start, self.sent)
