@@ -144,7 +144,9 @@ def test_killed_trainer_learns_every_sample_exactly_once(
     )
     dead = list(consumer)
     consumer.close()
-    assert sorted(r.value for r in dead) == sorted(bad)
+    # Dead letters are at least once: a crash before the next publish re-sends them.
+    by_source = {dict(r.headers)["source"]: r.value for r in dead}
+    assert sorted(by_source.values()) == sorted(bad)
     assert {dict(r.headers)["reason"] for r in dead} == {b"validation"}
     # A served copy loads and ranks.
     from model.data import build_catalog
