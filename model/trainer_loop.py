@@ -55,12 +55,13 @@ class TrainerReport:
 
 
 def resolve_models(settings: Settings) -> list[str]:
-    """``trainer_models`` if set, else every model the experiments serve."""
+    """``trainer_models`` if set, else every model the experiments serve plus ``popular``
+    (the service's cold-start answer for users without history)."""
     names = list(settings.trainer_model_names)
     if not names:
         from abtest.experiments import load_experiments
 
-        names = sorted(load_experiments(settings.experiments_file).models())
+        names = sorted(load_experiments(settings.experiments_file).models() | {"popular"})
     unknown = [n for n in names if n not in MODEL_NAMES]
     if unknown:
         raise ConfigError(
