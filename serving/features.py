@@ -39,9 +39,7 @@ IntArray = npt.NDArray[np.int64]
 
 def catalog_codebook(catalog: CatalogInfo) -> ResidualCodebook:
     """The codebook the catalogue's codes (and so the models) were built with."""
-    return ResidualCodebook(
-        catalog.codebook_centroids.numpy(), catalog.codebook_scales.numpy()
-    )
+    return ResidualCodebook(catalog.codebook_centroids.numpy(), catalog.codebook_scales.numpy())
 
 
 class CodeIndex:
@@ -75,7 +73,7 @@ class CodeIndex:
         keys = self._keys(np.asarray(codes, dtype=np.int64))
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         found = self.keys[pos] == keys
-        return self.item_ids[pos[found]]
+        return np.asarray(self.item_ids[pos[found]], dtype=np.int64)
 
 
 @dataclass(frozen=True)

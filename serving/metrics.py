@@ -1,4 +1,4 @@
-"""The service's Prometheus metrics, in a registry of its own (several apps can share a process).
+"""The service's Prometheus metrics, exposed as text by a collector of our own.
 
 - ``hymirec_recommend_requests_total{experiment, variant, status}``: answered requests (``none``
   where a request has no assignment, e.g. a 422 before the user was routed);
@@ -11,93 +11,169 @@
 - ``hymirec_model_version_info{model, version}``: 1 for each registry version in service;
 - ``hymirec_model_swaps_total{model}``: versions swapped in (the first load included);
 - ``hymirec_model_load_failures``: registry versions that failed to load (the old one stayed).
+
+Why not prometheus_client's ``Counter``/``Histogram`` objects: importing ``feast.metrics`` sets
+``PROMETHEUS_MULTIPROCESS_DIR`` in the process environment, which switches those classes to
+values in shared per-process files keyed by metric name, so two services in one process (tests)
+would add into each other's series. Plain counters behind a lock, turned into metric families at
+scrape time, do not depend on that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
 
 from serving.models import LoadedModel
 
-__all__ = ["CONTENT_TYPE_LATEST", "NONE_LABEL", "ServingMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "LATENCY_BUCKETS_S", "NONE_LABEL", "ServingMetrics"]
 
 NONE_LABEL = "none"
-_LATENCY_BUCKETS_S = (
+LATENCY_BUCKETS_S = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 )  # fmt: skip
 
+Labels = tuple[str, ...]
+
+
+@dataclass
+class _Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    total_s: float = 0.0
+
+    def observe(self, value_s: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, value_s)] += 1
+        self.total_s += value_s
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
+
 
 class ServingMetrics:
+    """Counters updated by the request path and the registry poller; thread-safe."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "hymirec_recommend_requests",
-            "Recommendation requests answered, by assignment and HTTP status",
-            ["experiment", "variant", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "hymirec_recommend_latency_seconds",
-            "Latency of served recommendation requests (handler start to response)",
-            ["experiment", "variant"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.shed = Counter(
-            "hymirec_recommend_shed", "Requests refused with 503: too many in flight", registry=r
-        )
-        self.inflight = Gauge(
-            "hymirec_recommend_inflight", "Recommendation requests in progress", registry=r
-        )
-        self.fallbacks = Counter(
-            "hymirec_recommend_fallback",
-            "Popularity served instead of the variant's model, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.exposure_failures = Counter(
-            "hymirec_exposure_failures", "Responses whose impressions could not be queued", registry=r
-        )
-        self.model_info = Gauge(
-            "hymirec_model_version_info",
-            "1 for each model version in service",
-            ["model", "version"],
-            registry=r,
-        )
-        self.swaps = Counter(
-            "hymirec_model_swaps", "Model versions swapped in (first load included)", ["model"],
-            registry=r,
-        )  # fmt: skip
-        self.load_failures = Gauge(
-            "hymirec_model_load_failures", "Registry versions that failed to load", registry=r
-        )
+        self._lock = threading.Lock()
+        self._requests: Counter[Labels] = Counter()
+        self._latency: dict[Labels, _Histogram] = {}
+        self._fallbacks: Counter[str] = Counter()
+        self._swaps: Counter[str] = Counter()
+        self._versions: dict[str, str] = {}
+        self._shed = 0
+        self._inflight = 0
+        self._exposure_failures = 0
+        self._load_failures: Callable[[], float] = lambda: 0.0
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
 
     def track_load_failures(self, read: Callable[[], float]) -> None:
-        self.load_failures.set_function(read)
+        self._load_failures = read
 
     def model_swapped(self, old: LoadedModel | None, new: LoadedModel) -> None:
-        if old is not None:
-            self.model_info.remove(old.name, old.version)
-        self.model_info.labels(new.name, new.version).set(1)
-        self.swaps.labels(new.name).inc()
+        with self._lock:
+            self._versions[new.name] = new.version
+            self._swaps[new.name] += 1
 
     def observe(
         self, experiment: str | None, variant: str | None, status: int, latency_s: float | None
     ) -> None:
         labels = (experiment or NONE_LABEL, variant or NONE_LABEL)
-        self.requests.labels(*labels, str(status)).inc()
-        if latency_s is not None:
-            self.latency.labels(*labels).observe(latency_s)
+        with self._lock:
+            self._requests[(*labels, str(status))] += 1
+            if latency_s is not None:
+                self._latency.setdefault(labels, _Histogram()).observe(latency_s)
+
+    def shed(self) -> None:
+        with self._lock:
+            self._shed += 1
+
+    def inflight(self, delta: int) -> None:
+        with self._lock:
+            self._inflight += delta
+
+    def fallback(self, reason: str) -> None:
+        with self._lock:
+            self._fallbacks[reason] += 1
+
+    def exposure_failed(self) -> None:
+        with self._lock:
+            self._exposure_failures += 1
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families as of now (called by the registry at each scrape)."""
+        with self._lock:
+            requests = CounterMetricFamily(
+                "hymirec_recommend_requests",
+                "Recommendation requests answered, by assignment and HTTP status",
+                labels=["experiment", "variant", "status"],
+            )
+            for labels, count in sorted(self._requests.items()):
+                requests.add_metric(labels, count)
+            latency = HistogramMetricFamily(
+                "hymirec_recommend_latency_seconds",
+                "Latency of served recommendation requests (arrival to response)",
+                labels=["experiment", "variant"],
+            )
+            for labels, histogram in sorted(self._latency.items()):
+                latency.add_metric(list(labels), histogram.cumulative(), histogram.total_s)
+            fallbacks = CounterMetricFamily(
+                "hymirec_recommend_fallback",
+                "Popularity served instead of the variant's model, by reason",
+                labels=["reason"],
+            )
+            for reason, count in sorted(self._fallbacks.items()):
+                fallbacks.add_metric([reason], count)
+            versions = GaugeMetricFamily(
+                "hymirec_model_version_info",
+                "1 for each model version in service",
+                labels=["model", "version"],
+            )
+            swaps = CounterMetricFamily(
+                "hymirec_model_swaps",
+                "Model versions swapped in (first load included)",
+                labels=["model"],
+            )
+            for model, version in sorted(self._versions.items()):
+                versions.add_metric([model, version], 1)
+                swaps.add_metric([model], self._swaps[model])
+            scalars: list[Metric] = [
+                CounterMetricFamily(
+                    "hymirec_recommend_shed",
+                    "Requests refused with 503: too many in flight",
+                    value=self._shed,
+                ),
+                GaugeMetricFamily(
+                    "hymirec_recommend_inflight",
+                    "Recommendation requests in progress",
+                    value=self._inflight,
+                ),
+                CounterMetricFamily(
+                    "hymirec_exposure_failures",
+                    "Responses whose impressions could not be queued",
+                    value=self._exposure_failures,
+                ),
+            ]
+        yield from (requests, latency, fallbacks, versions, swaps, *scalars)
+        yield GaugeMetricFamily(
+            "hymirec_model_load_failures",
+            "Registry versions that failed to load",
+            value=self._load_failures(),
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

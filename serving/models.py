@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hymirec.errors import HymirecError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
 from model.hymirec import HyMiRec
@@ -89,7 +90,10 @@ class LoadedModel:
             published_at_ms=published_at_ms,
             source=source,
         )
-        loaded.rank(None, 1)  # warm up (first-call allocations) off the request path
+        # Warm up (first-call allocations) off the request path, with a one-item history.
+        levels = int(getattr(model, "codes", torch.zeros(1, 1)).shape[-1])
+        one = np.ones(1, dtype=np.int64)
+        loaded.rank(UserHistory(0, one, np.zeros((0, levels), np.int64), 1, one), 1)
         return loaded
 
     def _known(self, item_ids: np.ndarray) -> Tensor:
@@ -126,7 +130,7 @@ class LoadedModel:
 
     def scores(self, history: UserHistory | None) -> Tensor:
         """(num_items + 1,) the best of the user's interests per item; index 0 is -inf."""
-        with torch.inference_mode():
+        with torch.no_grad():
             interests = self.interests(history).float()
             scores = (interests @ self.item_vectors.T).amax(dim=0)
             scores = torch.nan_to_num(scores, nan=-torch.inf)
@@ -221,7 +225,8 @@ class ModelPool:
                     loaded = self._refresh_one(name)
                 except Exception as exc:  # a bad version must not stop the others or the loop
                     self.load_failures += 1
-                    log.error("cannot load the latest %s: %s", name, exc, exc_info=True)
+                    expected = isinstance(exc, HymirecError)  # unreadable or pruned: no trace
+                    log.error("cannot load the latest %s: %s", name, exc, exc_info=not expected)
                     continue
                 if loaded is not None:
                     swapped.append(loaded)
@@ -240,9 +245,7 @@ class ModelPool:
         if old is not None and old.version == loaded.version:
             return None
         self._current = {**self._current, name: loaded}  # one reference assignment: atomic
-        log.info(
-            "serving %s %s (was %s)", name, loaded.version, old.version if old else "none"
-        )
+        log.info("serving %s %s (was %s)", name, loaded.version, old.version if old else "none")
         if self.on_swap is not None:
             self.on_swap(old, loaded)
         return loaded

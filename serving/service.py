@@ -102,6 +102,7 @@ class RecommendationService:
         )
         pool.refresh()
         features = UserFeatureReader(FeatureStoreClient(settings), catalog)
+        features.store.user_histories([0])  # opens the online store now, not on a request
         exposures = ExposureLog(settings)
         return cls(settings, Splitter(config), pool, features, exposures, metrics, hold)
 
@@ -150,7 +151,7 @@ class RecommendationService:
         else:
             loaded = wanted
         if fallback is not None:
-            self.metrics.fallbacks.labels(fallback).inc()
+            self.metrics.fallback(fallback)
         if self.hold is not None:
             self.hold(user_id)
         items = loaded.rank(history, k)
@@ -175,7 +176,7 @@ class RecommendationService:
         except BrokerError as exc:
             # The user still gets the list; the lost exposure is counted and the readiness
             # probe reports the broker until it acknowledges again.
-            self.metrics.exposure_failures.inc()
+            self.metrics.exposure_failed()
             log.error("request %s: exposure not logged: %s", request_id, exc)
         return Recommendation(
             user_id=user_id,
@@ -200,8 +201,8 @@ class RecommendationService:
             checks["feature_store"] = "ok"
         except Exception as exc:  # any failure of the probe read means not ready
             checks["feature_store"] = f"error: {exc}"
-        checks["exposures"] = "ok" if self.exposures.check(timeout_s=2.0) else (
-            f"error: {self.exposures.last_error}"
+        checks["exposures"] = (
+            "ok" if self.exposures.check(timeout_s=2.0) else (f"error: {self.exposures.last_error}")
         )
         popular = self.pool.popular()
         models: dict[str, str] = {}
@@ -226,4 +227,3 @@ class RecommendationService:
             "experiments": [e.name for e in self.splitter.config.experiments],
             "last_registry_poll_ms": self.pool.last_poll_ms,
         }
-
