@@ -1,9 +1,11 @@
 """The readout publisher: each experiment's readout as an atomic JSON snapshot for the dashboard.
 
 ``publish_readouts`` lists the experiments in ``events`` (impressions that carry an experiment and
-a variant), computes each one's per-user metrics and readout (``abtest.metrics``,
-``abtest.readout``), adds the request guardrails and the cumulative effect over time
-(``abtest.cumulative``), and writes ``<readouts_dir>/<experiment>.json`` (schema:
+a variant) and the planned ones (``experiment_plans`` of the experiments file: the SRM check uses
+the configured weights, the first variant is the control; a planned experiment without traffic
+gets a snapshot with no users), computes each one's per-user metrics and readout
+(``abtest.metrics``, ``abtest.readout``), adds the request guardrails and the cumulative effect
+over time (``abtest.cumulative``), and writes ``<readouts_dir>/<experiment>.json`` (schema:
 ``abtest.snapshot``). It also writes the pipeline's Kafka health (``abtest.pipeline_health``) to
 ``_pipeline.json``. The same code runs inside the sink on chdb (which owns the directory) and as
 ``hymirec readout --publish`` against a ClickHouse server.
@@ -21,7 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -51,6 +53,9 @@ from abtest.snapshot import (
 from hymirec.errors import DataError
 from hymirec.settings import Settings
 
+if TYPE_CHECKING:
+    from abtest.experiments import ExperimentsConfig
+
 __all__ = [
     "TRAINING_POLICY",
     "ExperimentPlan",
@@ -59,6 +64,7 @@ __all__ = [
     "build_snapshot",
     "cumulative_series",
     "experiment_names",
+    "experiment_plans",
     "publish_pipeline_health",
     "publish_readouts",
     "request_guardrails",
@@ -78,6 +84,9 @@ FROM events FINAL
 PREWHERE event_type = 'impression' AND experiment IS NOT NULL AND variant IS NOT NULL
 ORDER BY experiment
 """
+
+_GUARDRAIL_COLUMNS = ["variant", "requests", "latency_requests", "latency_p50_ms", "latency_p99_ms"]
+_GUARDRAIL_COLUMNS += ["errors"]
 
 # Each request's latency counted once (its impressions share it), as in abtest.metrics.
 _GUARDRAIL_SQL = """
@@ -127,6 +136,14 @@ class ExperimentPlan:
     control: str | None = None
 
 
+def experiment_plans(config: ExperimentsConfig) -> dict[str, ExperimentPlan]:
+    """Each configured experiment's plan: its variants' weights; its first variant is control."""
+    return {
+        e.name: ExperimentPlan({v.name: v.weight for v in e.variants}, control=e.variants[0].name)
+        for e in config.experiments
+    }
+
+
 @dataclass
 class PublishReport:
     """What one publish wrote, and which experiments failed (name -> error)."""
@@ -138,13 +155,17 @@ class PublishReport:
 
 
 def experiment_names(client: Client) -> list[str]:
-    """Experiments with at least one tagged impression, sorted."""
-    return [str(e) for e in query_df(client, _EXPERIMENTS_SQL)["experiment"]]
+    """Experiments with at least one tagged impression, sorted (none on an empty database)."""
+    frame = query_df(client, _EXPERIMENTS_SQL)
+    # clickhouse-connect returns an empty result as a frame without columns.
+    return [] if frame.empty else [str(e) for e in frame["experiment"]]
 
 
 def request_guardrails(client: Client, experiment: str) -> pd.DataFrame:
     """Per variant: requests, latency p50/p99 (ms) over distinct exposure requests, errors."""
     frame = query_df(client, _GUARDRAIL_SQL, {"experiment": experiment})
+    if frame.empty:  # no columns either (see experiment_names)
+        return pd.DataFrame(columns=_GUARDRAIL_COLUMNS)
     return frame.replace({np.nan: None})
 
 
@@ -277,9 +298,15 @@ def build_snapshot(
     notes: str | None = None,
     now_ms: int | None = None,
 ) -> ExperimentSnapshot:
-    """The snapshot of one experiment from its per-user metrics and request guardrails (pure)."""
+    """The snapshot of one experiment from its per-user metrics and request guardrails (pure).
+
+    A planned control with no exposed users yet gives a snapshot without effects; its traffic and
+    SRM check still show (an arm with no users is itself a sample-ratio mismatch).
+    """
     plan = plan or ExperimentPlan()
-    readout = readout_from_metrics(metrics, plan.control, plan.weights, alpha, notes=notes)
+    readout = readout_from_metrics(
+        metrics, plan.control, plan.weights, alpha, notes=notes, require_control=False
+    )
     effects = _effect_rows(readout)
     series, traffic = cumulative_series(
         metrics, readout, buckets=buckets, min_users_per_arm=min_users_per_arm

@@ -17,7 +17,8 @@ where lower is better (latency, errors), "win" means the treatment is lower and 
 is the expected increase. mSPRT's τ is tuned (``msprt_tau``) to ``sequential_n_per_arm`` users per
 arm, by default the current count, and to the pooled standard deviation. Relative effects follow
 the engine's one convention: effect / control mean, delta-method interval. The sample-ratio check
-compares included users per variant with the configured weights (equal by default).
+compares included users per variant with the configured weights (an equal split when none are
+given; ``hymirec readout`` passes the experiments file's).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class Readout:
     srm_arms: tuple[str, ...]
     alpha: float
     notes: str | None = None
+    weights: Mapping[str, float] | None = None  # the SRM check's; None means an equal split
 
 
 def _arm_statistic(spec: MetricSpec, arm: pd.DataFrame) -> ArmStatistic:
@@ -263,19 +265,24 @@ def readout_from_metrics(
     notes: str | None = None,
     prior: NormalPrior | None = NormalPrior(),  # noqa: B008 - frozen, so a safe default
     sequential_n_per_arm: float | None = None,
+    require_control: bool = True,
 ) -> Readout:
-    """The readout of an already-computed per-user frame (pure: no I/O)."""
+    """The readout of an already-computed per-user frame (pure: no I/O).
+
+    A ``control`` without exposed users is an error, unless ``require_control`` is False: then
+    the table is empty and the SRM check (against ``weights``) still runs.
+    """
     frame = metrics.users
     variants = metrics.variants()
     users = {v: int((frame["variant"] == v).sum()) for v in variants}
-    if control is not None and control not in variants:
+    if require_control and control is not None and control not in variants:
         raise DataError(
             f"control variant {control!r} has no exposed users in {metrics.experiment!r}; "
             f"variants: {variants}"
         )
     chosen = control if control is not None else (_default_control(variants) if variants else None)
     rows = []
-    if chosen is not None:
+    if chosen is not None and chosen in variants:
         control_frame = frame[frame["variant"] == chosen]
         for treatment in (v for v in variants if v != chosen):
             treatment_frame = frame[frame["variant"] == treatment]
@@ -288,7 +295,16 @@ def readout_from_metrics(
     table = _with_adjusted_p(table)[list(READOUT_COLUMNS)]
     srm, arms = _srm(users, weights)
     return Readout(
-        metrics.experiment, chosen, users, metrics.excluded_users, table, srm, arms, alpha, notes
+        metrics.experiment,
+        chosen,
+        users,
+        metrics.excluded_users,
+        table,
+        srm,
+        arms,
+        alpha,
+        notes,
+        dict(weights) if weights else None,
     )
 
 
@@ -364,9 +380,12 @@ def format_readout(readout: Readout) -> str:
     )
     if readout.srm is not None:
         verdict = "MISMATCH: do not trust the effects" if readout.srm.mismatch else "ok"
+        total = sum(readout.srm.expected) or 1.0
+        expected = "/".join(f"{e / total:.1%}" for e in readout.srm.expected)
+        basis = "configured weights" if readout.weights else "an equal split"
         lines.append(
-            f"sample ratio ({'/'.join(readout.srm_arms)}): chi2={readout.srm.chi2:.3f} "
-            f"p={readout.srm.p_value:.4g} -> {verdict}"
+            f"sample ratio ({'/'.join(readout.srm_arms)}) against {basis} ({expected}): "
+            f"chi2={readout.srm.chi2:.3f} p={readout.srm.p_value:.4g} -> {verdict}"
         )
     if readout.notes:
         lines.append(f"notes: {readout.notes}")

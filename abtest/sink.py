@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,7 @@ from hymirec.settings import Settings
 from streaming.schema import Event, parse_event
 
 if TYPE_CHECKING:
-    from abtest.publish import ReadoutPublisher
+    from abtest.publish import ExperimentPlan, ReadoutPublisher
 
 __all__ = ["EventSink", "SinkStats", "run_sink"]
 
@@ -268,13 +268,14 @@ def run_sink(
     *,
     items: pd.DataFrame | None = None,
     publish_readouts: bool = False,
+    plans: Mapping[str, ExperimentPlan] | None = None,
 ) -> SinkStats:
     """Open ClickHouse (creating the schema), load ``items`` if given, and run the sink.
 
     With ``publish_readouts`` the sink also writes the readout snapshots every
-    ``settings.readout_publish_s`` (``abtest.publish``), since on chdb no other process can read
-    the directory while it runs. Without ``stop``, SIGTERM and SIGINT stop it cleanly. Returns the
-    final counts.
+    ``settings.readout_publish_s`` (``abtest.publish``; ``plans``: the configured experiments'
+    weights and controls), since on chdb no other process can read the directory while it runs.
+    Without ``stop``, SIGTERM and SIGINT stop it cleanly. Returns the final counts.
     """
     own_stop = stop is None
     stop = stop or threading.Event()
@@ -285,7 +286,7 @@ def run_sink(
         if publish_readouts:
             from abtest.publish import ReadoutPublisher
 
-            publisher = ReadoutPublisher(settings, client)
+            publisher = ReadoutPublisher(settings, client, plans=plans)
         sink = EventSink(settings, client, publisher=publisher)
         if not own_stop:
             return sink.run(stop, max_idle_s)

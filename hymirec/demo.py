@@ -183,9 +183,13 @@ def run_demo(
     for folder in (settings.feast_dir, settings.registry_dir, settings.clickhouse_dir):
         shutil.rmtree(folder, ignore_errors=True)  # a fresh run: no state from earlier demos
     shutil.rmtree(settings.readouts_dir, ignore_errors=True)
-    if embedded:
+    if embedded and broker.answers():
+        # A broker already serves this address (`hymirec broker start`, or a test's): use it.
+        print(f"[broker] using the broker already at {settings.kafka_bootstrap}")
+        embedded = False
+    elif embedded:
         broker.stop()
-        shutil.rmtree(settings.broker_dir, ignore_errors=True)
+        shutil.rmtree(settings.broker_dir, ignore_errors=True)  # a fresh log every demo run
         status = broker.start()
         print(f"[broker] embedded noida-db ready at {status.address} (pid {status.pid})")
     children = _Children(settings)

@@ -1,13 +1,18 @@
 """The one settings object, built once at the edge (CLI, service start-up) and passed down.
 
 Every field can be set from an environment variable with the ``HYMIREC_`` prefix
-(``HYMIREC_KAFKA_BOOTSTRAP=kafka:9092``); the defaults are the embedded mode (local broker,
-Feast local provider, in-process ClickHouse) so that a laptop or CI needs no Docker.
+(``HYMIREC_KAFKA_BOOTSTRAP=kafka:9092``); ``load_settings`` refuses a ``HYMIREC_`` variable that
+names no field, so a typo fails at start-up instead of leaving the default. The defaults are the
+embedded mode (local broker, Feast local provider, in-process ClickHouse) so that a laptop or CI
+needs no Docker.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hymirec.errors import ConfigError
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["ENV_PREFIX", "Settings", "load_settings", "unknown_environment"]
+
+ENV_PREFIX = "HYMIREC_"
 
 FEATURE_REPO_DIR = Path(__file__).resolve().parent.parent / "features" / "feature_repo"
 EXPERIMENTS_FILE = Path(__file__).resolve().parent.parent / "abtest" / "experiments.yaml"
@@ -25,7 +32,7 @@ EXPERIMENTS_FILE = Path(__file__).resolve().parent.parent / "abtest" / "experime
 class Settings(BaseSettings):
     """Endpoints, paths and pipeline knobs; embedded defaults."""
 
-    model_config = SettingsConfigDict(env_prefix="HYMIREC_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     data_dir: Path = Field(Path(".hymirec"), description="Root of every local data folder.")
     cache_dir: Path | None = Field(None, description="Derived-data cache; default <data_dir>/cache")
@@ -123,6 +130,9 @@ class Settings(BaseSettings):
     sim_seed: int = 0
 
     # Dashboard and the readout snapshots it reads.
+    dashboard_host: str = Field(
+        "127.0.0.1", description="Streamlit's bind address; 0.0.0.0 in a container."
+    )
     dashboard_port: int = Field(8501, ge=1, le=65535)
     readout_publish_s: float = Field(10.0, gt=0, le=86_400)
 
@@ -192,8 +202,36 @@ class Settings(BaseSettings):
         return re.sub(r"\$\{(HYMIREC_[A-Z0-9_]+)\}", repl, text)
 
 
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """``HYMIREC_*`` names in ``environ`` that set no field (pydantic-settings ignores them)."""
+    fields = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    return sorted(
+        key for key in environ if key.upper().startswith(ENV_PREFIX) and key.upper() not in fields
+    )
+
+
+def _did_you_mean(name: str) -> str:
+    field = name[len(ENV_PREFIX) :].lower()
+    if isinstance(getattr(Settings, field, None), property):
+        return f"{name} (derived from other settings, so not settable)"
+    close = difflib.get_close_matches(field, list(Settings.model_fields), n=1, cutoff=0.6)
+    if not close:
+        return f"{name} (no setting is close)"
+    return f"{name} (did you mean {ENV_PREFIX}{close[0].upper()}?)"
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build the settings from the environment (plus explicit overrides), with a clear error."""
+    """Build the settings from the environment (plus explicit overrides), with a clear error.
+
+    A ``HYMIREC_*`` variable that names no setting is an error (a typo would otherwise be
+    silently ignored and the default used).
+    """
+    unknown = unknown_environment(os.environ)
+    if unknown:
+        raise ConfigError(
+            f"unknown settings in the environment: {', '.join(map(_did_you_mean, unknown))}; "
+            "fix or unset them (the settings are the fields of hymirec/settings.py)"
+        )
     try:
         return Settings(**overrides)
     except ValidationError as exc:

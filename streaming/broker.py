@@ -94,7 +94,7 @@ class LocalBroker:
         pid = self._read_pid()
         return BrokerStatus(
             running=pid is not None,
-            ready=pid is not None and self._answers(),
+            ready=pid is not None and self.answers(),
             pid=pid,
             address=self.address,
             data_dir=self.broker_dir / "data",
@@ -141,7 +141,7 @@ class LocalBroker:
             )
             if exited:
                 raise BrokerError(f"the broker exited during start-up; see {self.log_file}")
-            if self._answers():
+            if self.answers():
                 return
             time.sleep(0.1)
         raise BrokerError(
@@ -186,7 +186,8 @@ class LocalBroker:
             sock.settimeout(0.2)
             return sock.connect_ex((self.host, self.port)) == 0
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
+        """Whether a Kafka-protocol broker (any, not only ours) answers at the address."""
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError
 

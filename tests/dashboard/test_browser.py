@@ -3,7 +3,7 @@
 Chromium's own ``--screenshot`` fires before Streamlit has rendered anything, so the test drives
 the page over DevTools, waits until the vega-lite charts are drawn (``canvas`` or ``svg.marks``
 inside ``.vega-embed``) and the SRM warning is on the page, then captures a screenshot. Set
-``HYMIREC_SAVE_DASHBOARD_PNG=1`` to keep a copy in ``benchmarks/dashboard.png``.
+``SAVE_DASHBOARD_PNG=1`` to keep a copy in ``benchmarks/dashboard.png``.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def test_dashboard_charts_render_in_chromium(published: Published, tmp_path: Pat
     colors = image.getcolors(maxcolors=1 << 20) or []
     assert len(colors) > 500, "the screenshot is nearly uniform"
     assert max(count for count, _ in colors) < 0.95 * image.width * image.height
-    if os.environ.get("HYMIREC_SAVE_DASHBOARD_PNG"):
+    if os.environ.get("SAVE_DASHBOARD_PNG"):
         (REPO_ROOT / "benchmarks" / "dashboard.png").write_bytes(png)
 
 

@@ -24,6 +24,7 @@ from scipy import optimize
 from scipy import stats as sps
 
 from abtest.clickhouse import analytics_client, insert_event_frame, query_df
+from abtest.experiments import load_experiments
 from abtest.pipeline_health import pipeline_health
 from abtest.publish import ExperimentPlan, ReadoutPublisher, run_publish_loop
 from abtest.sink import EventSink, run_sink
@@ -37,7 +38,7 @@ from abtest.snapshot import (
 )
 from hymirec.cli import main
 from hymirec.errors import DataError
-from hymirec.settings import Settings
+from hymirec.settings import EXPERIMENTS_FILE, Settings
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.schema import Event
@@ -393,8 +394,11 @@ def test_cli_publishes_once(
     assert main(["readout", "--publish", "--once"]) == 0
     assert "0 failed publish cycles" in capsys.readouterr().out
     folder = copied_data / "readouts"
+    # The default experiments file's experiments are planned: each gets a (here empty) snapshot.
+    planned = [snapshot_filename(e.name) for e in load_experiments(EXPERIMENTS_FILE).experiments]
+    assert planned
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [PIPELINE_FILE, snapshot_filename(BROKEN), snapshot_filename(BALANCED)]
+        [PIPELINE_FILE, snapshot_filename(BROKEN), snapshot_filename(BALANCED), *planned]
     )
     broken = read_experiment_snapshot(folder / snapshot_filename(BROKEN))
     assert broken.srm is not None and broken.srm.flagged
