@@ -7,9 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from abtest.publish import ExperimentPlan
 
 __all__ = ["main"]
 
@@ -77,7 +81,23 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from hymirec.demo import run_demo
 
-    return run_demo(settings, limit=args.limit, timeout_s=args.timeout)
+    run_demo(
+        settings,
+        duration_s=args.duration,
+        warm_events=args.warm,
+        extra_arms=args.all_models,
+        keep_dashboard=False if args.exit else None,
+        timeout_s=args.timeout,
+    )
+    return 0
+
+
+def _experiment_plans(settings: Settings) -> dict[str, ExperimentPlan]:
+    """Weights and control of every configured experiment (a bad file fails here, at start)."""
+    from abtest.experiments import load_experiments
+    from abtest.publish import experiment_plans
+
+    return experiment_plans(load_experiments(settings.experiments_file))
 
 
 def _sink(settings: Settings, args: argparse.Namespace) -> int:
@@ -85,18 +105,21 @@ def _sink(settings: Settings, args: argparse.Namespace) -> int:
     from hymirec.movielens import load_items
     from streaming.kafka_io import ensure_topics
 
+    plans = _experiment_plans(settings) if args.publish_readouts else None
     ensure_topics(settings)
     stats = run_sink(
         settings,
         max_idle_s=args.max_idle,
         items=load_items(),
         publish_readouts=args.publish_readouts,
+        plans=plans,
     )
     print(f"sink stopped: {stats.summary()}")
     return 0
 
 
 def _readout(settings: Settings, args: argparse.Namespace) -> int:
+    plans = _experiment_plans(settings)
     if args.publish:
         import signal
         import threading
@@ -107,14 +130,24 @@ def _readout(settings: Settings, args: argparse.Namespace) -> int:
         if not args.once:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: stop.set())
-        failed = run_publish_loop(settings, every_s=args.every, stop=stop, once=args.once)
+        failed = run_publish_loop(
+            settings, every_s=args.every, stop=stop, plans=plans, once=args.once
+        )
         print(f"readout snapshots in {settings.readouts_dir} ({failed} failed publish cycles)")
         return 1 if args.once and failed else 0
     if args.experiment is None:
         raise HymirecError("name an experiment, or pass --publish to write the dashboard snapshots")
+    from abtest.publish import ExperimentPlan
     from abtest.readout import experiment_readout, format_readout
 
-    readout = experiment_readout(settings, args.experiment, control=args.control, notes=args.notes)
+    plan = plans.get(args.experiment, ExperimentPlan())
+    readout = experiment_readout(
+        settings,
+        args.experiment,
+        control=args.control or plan.control,
+        weights=plan.weights,
+        notes=args.notes,
+    )
     print(format_readout(readout))
     return 0
 
@@ -129,11 +162,14 @@ def _dashboard(settings: Settings, args: argparse.Namespace) -> int:
     command = [
         sys.executable,
         *("-m", "streamlit", "run", str(app)),
-        *("--server.headless", "true", "--server.address", "127.0.0.1"),
+        *("--server.headless", "true", "--server.address", settings.dashboard_host),
         *("--server.port", str(port), "--browser.gatherUsageStats", "false"),
         *("--server.fileWatcherType", "none"),
     ]
-    print(f"dashboard on http://127.0.0.1:{port} (reads {settings.readouts_dir})", flush=True)
+    print(
+        f"dashboard on http://{settings.dashboard_host}:{port} (reads {settings.readouts_dir})",
+        flush=True,
+    )
     # The app builds the same settings at its own edge from these HYMIREC_* variables. exec, not a
     # child process, so that SIGTERM and Ctrl-C reach Streamlit itself and nothing is orphaned.
     os.execve(sys.executable, command, {**os.environ, **settings.placeholders()})
@@ -197,6 +233,14 @@ def _trainer(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.server import run_service
+
+    if args.port is not None:
+        settings = load_settings(serve_port=args.port)  # the environment, with the flag on top
+    return run_service(settings)
+
+
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     from simulator.client import run_simulation
 
@@ -239,9 +283,20 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--rate", type=float, default=None, help="events per second (default: max)")
     replay.set_defaults(run=_replay)
 
-    demo = sub.add_parser("demo", help="start everything, stream ML-100K, show online features")
-    demo.add_argument("--limit", type=int, default=0, help="first N ratings only (0: all)")
-    demo.add_argument("--timeout", type=float, default=900.0, help="give up after this many s")
+    demo = sub.add_parser(
+        "demo", help="the whole loop on embedded defaults: an A/B test of HyMiRec vs SASRec"
+    )
+    demo.add_argument(
+        "--duration", type=float, default=120.0, help="s of simulated traffic (longer: more power)"
+    )
+    demo.add_argument(
+        "--warm", type=int, default=20_000, help="MovieLens-100K ratings replayed first"
+    )
+    demo.add_argument(
+        "--all-models", action="store_true", help="add HSTU, PerSRec and Fuxi-MME as extra arms"
+    )
+    demo.add_argument("--exit", action="store_true", help="do not keep the dashboard up at the end")
+    demo.add_argument("--timeout", type=float, default=900.0, help="give up a step after this")
     demo.set_defaults(run=_demo)
 
     sink = sub.add_parser("sink", help="copy the events topic into ClickHouse (foreground)")
@@ -334,6 +389,12 @@ def _parser() -> argparse.ArgumentParser:
         "--unpaced", action="store_true", help="send requests back to back, not at --rate"
     )
     simulate.set_defaults(run=_simulate)
+
+    serve = sub.add_parser(
+        "serve", help="the recommendation API (foreground; prints a line when it is ready)"
+    )
+    serve.add_argument("--port", type=int, default=None, help="default: HYMIREC_SERVE_PORT (8000)")
+    serve.set_defaults(run=_serve)
     return parser
 
 
