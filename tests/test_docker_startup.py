@@ -80,6 +80,8 @@ def exited_cleanly(run: Running) -> bool:
 STARTUP_PROBES: dict[str, Startup] = {
     "dashboard": Startup(healthcheck_passes),
     "features-init": Startup(exited_cleanly, one_shot=True),
+    "recommender": Startup(healthcheck_passes, after=("features-init",)),
+    "simulator": Startup(log_says("requests/s"), after=("features-init", "recommender")),
     "readout-publisher": Startup(
         file_written(lambda s: s.readouts_dir / "_pipeline.json"), fails_on="publish failed"
     ),
@@ -89,10 +91,7 @@ STARTUP_PROBES: dict[str, Startup] = {
 }
 # Compose services whose command is not in `hymirec --help` yet (being written), or that need a
 # pending one to start (the simulator needs the recommendation service).
-PENDING_COMMANDS: dict[str, str] = {
-    "recommender": "hymirec serve",
-    "simulator": "hymirec simulate",
-}
+PENDING_COMMANDS: dict[str, str] = {}
 
 
 @functools.cache
