@@ -118,7 +118,11 @@ class Settings(BaseSettings):
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(8000, ge=1, le=65535)
     serve_max_inflight: int = Field(
-        64, ge=1, le=100_000, description="Requests in progress beyond this get a 503."
+        8,
+        ge=1,
+        le=100_000,
+        description="Requests in progress beyond this get a 503. Near the ranking threads "
+        "(2 per core), so an accepted request waits behind few others.",
     )
     serve_registry_poll_s: float = Field(2.0, gt=0, le=3600)
 
