@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        for noisy in ("feast", "faust", "mode", "urllib3", "sentence_transformers"):
+        for noisy in ("feast", "faust", "mode", "urllib3", "sentence_transformers", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # kafka-python warns about its own event loop timing under load; errors still show.
         for noisy in ("kafka", "aiokafka"):

@@ -1,0 +1,1 @@
+"""Fault tests: processes and the broker killed and restarted mid-stream (issue 8)."""
