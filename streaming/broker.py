@@ -3,8 +3,9 @@
 It runs ``noida-db`` (a single binary shipped in a PyPI wheel) with only its Kafka service. The
 process is detached from the CLI, its pid is kept in ``<broker_dir>/broker.pid``, its output goes
 to ``<broker_dir>/broker.log`` and its data to ``<broker_dir>/data``. noida-db keeps the log in
-memory and writes it to the data folder when it stops cleanly (SIGTERM); a SIGKILL loses what was
-written since its last clean stop. Production uses Apache Kafka (docker/), which does not.
+memory and saves it to the data folder about once a second and when it stops (SIGTERM); a SIGKILL
+loses what was acknowledged since the last save (up to ~1 s; benchmarks/RESULTS.md, fault
+injection). Production uses Apache Kafka (docker/), which replicates every acknowledged record.
 """
 
 from __future__ import annotations
