@@ -21,7 +21,14 @@ import numpy as np
 import pandas as pd
 
 from abtest.metrics import ExperimentMetrics
-from abtest.readout import COVARIATE, READOUT_METRICS, MetricSpec, Readout, readout_from_metrics
+from abtest.readout import (
+    COVARIATE,
+    READOUT_METRICS,
+    MetricSpec,
+    Readout,
+    arm_statistic,
+    readout_from_metrics,
+)
 from abtest.snapshot import CumulativePoint, CumulativeSeries, TrafficPoint
 from abtest.stats import (
     ProportionStatistic,
@@ -39,16 +46,6 @@ _SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in READOUT_METRICS}
 ArmStatistic = SampleMeanStatistic | ProportionStatistic | RatioStatistic
 
 
-def _arm(spec: MetricSpec, arm: pd.DataFrame) -> ArmStatistic:
-    values = arm[spec.column].to_numpy(dtype=np.float64)
-    if spec.kind == "proportion":
-        return ProportionStatistic.from_array(values)
-    if spec.kind == "ratio":
-        assert spec.denominator is not None
-        return RatioStatistic.from_arrays(values, arm[spec.denominator].to_numpy(np.float64))
-    return SampleMeanStatistic.from_array(values)
-
-
 def effect_variance(
     spec: MetricSpec, method: str, control: pd.DataFrame, treatment: pd.DataFrame
 ) -> float:
@@ -58,7 +55,7 @@ def effect_variance(
         t = RegressionAdjustedStatistic.from_arrays(treatment[spec.column], treatment[COVARIATE])
         theta = (c + t).theta
         return c.adjusted_variance(theta) / c.n + t.adjusted_variance(theta) / t.n
-    sc, st = _arm(spec, control), _arm(spec, treatment)
+    sc, st = arm_statistic(spec, control), arm_statistic(spec, treatment)
     return sc.variance / sc.n + st.variance / st.n
 
 
@@ -66,7 +63,7 @@ def _series_tau(
     spec: MetricSpec, control: pd.DataFrame, treatment: pd.DataFrame, alpha: float
 ) -> float | None:
     """τ as the readout's p_sequential picks it: pooled sd and the current users per arm."""
-    c, t = _arm(spec, control), _arm(spec, treatment)
+    c, t = arm_statistic(spec, control), arm_statistic(spec, treatment)
     if c.n < 2 or t.n < 2:
         return None
     sd = math.sqrt((c.variance + t.variance) / 2.0)

@@ -154,7 +154,8 @@ class Readout:
     weights: Mapping[str, float] | None = None  # the SRM check's; None means an equal split
 
 
-def _arm_statistic(spec: MetricSpec, arm: pd.DataFrame) -> ArmStatistic:
+def arm_statistic(spec: MetricSpec, arm: pd.DataFrame) -> ArmStatistic:
+    """The sufficient statistic of one arm for ``spec`` (mean, proportion or ratio)."""
     values = arm[spec.column].to_numpy(dtype=np.float64)
     if spec.kind == "proportion":
         return ProportionStatistic.from_array(values)
@@ -174,7 +175,7 @@ def _primary_test(
         )
         if (cuped_c + cuped_t).pre.variance > 0:
             return cuped_ttest(cuped_c, cuped_t, alpha=alpha)
-    c, t = _arm_statistic(spec, control), _arm_statistic(spec, treatment)
+    c, t = arm_statistic(spec, control), arm_statistic(spec, treatment)
     if isinstance(c, ProportionStatistic) and isinstance(t, ProportionStatistic):
         return two_proportion_ztest(c, t, alpha=alpha)
     if isinstance(c, RatioStatistic) and isinstance(t, RatioStatistic):
@@ -212,7 +213,7 @@ def _compare(
     n_per_arm: float | None,
 ) -> dict[str, Any]:
     result = _primary_test(spec, control, treatment, alpha)
-    c, t = _arm_statistic(spec, control), _arm_statistic(spec, treatment)
+    c, t = arm_statistic(spec, control), arm_statistic(spec, treatment)
     bayes = bayesian_normal_test(c, t, difference="relative", prior=prior, alpha=alpha)
     win, loss = bayes.chance_to_win, bayes.expected_loss_treatment
     if not spec.higher_is_better and win is not None:
