@@ -5,8 +5,15 @@ At-least-once: records are parsed, inserted in batches (at most ``sink_batch_siz
 A crash between the insert and the commit re-reads the batch; the table collapses the copies by
 ``event_id`` (see ``abtest.clickhouse``), so the analytics see every event once. A record that
 fails ``parse_event`` is counted under its reason, logged with its offset and skipped: the Faust
-worker, which reads the same topic, owns the dead-letter topic. When the group rebalances, the
-pending batch is inserted and committed before the partitions are given up.
+worker, which reads the same topic, owns the dead-letter topic.
+
+When the group rebalances, the rebalance listener (which kafka-python 3 runs on its I/O thread,
+where no blocking Kafka call may be made) inserts the pending batch and keeps its offsets; the run
+loop commits them after the poll returns, for the partitions this sink still owns. A partition
+that moved to another member is re-read there from its last committed offset, and the copies
+collapse as above. The sink joins its group with static membership (``sink_instance_id``): a sink
+restarted after a crash takes its partitions back at once under the same id, where a new member
+would wait for the dead one's session to expire (which the embedded broker never does).
 
 An insert that fails is retried (``insert_attempts`` times, with a doubling back-off); after that
 the sink raises :class:`~hymirec.errors.AnalyticsError` without committing, and a restart resumes
@@ -63,6 +70,7 @@ class SinkStats:
     batches: int = 0
     committed: int = 0
     commit_failures: int = 0
+    rebalance_inserts: int = 0  # pending batches inserted by the rebalance listener
     insert_retries: int = 0
     readout_publishes: int = 0
     readout_publish_failures: int = 0
@@ -88,7 +96,8 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_revoked(self, revoked: Any) -> None:
         # kafka-python logs and swallows a listener's exception; keep it for the run loop.
         try:
-            self.sink.flush()
+            if self.sink.insert_pending():
+                self.sink.stats.rebalance_inserts += 1
         except Exception as exc:  # re-raised by EventSink.run after the poll
             self.sink.failure = exc
 
@@ -114,11 +123,15 @@ class EventSink:
         self.stats = SinkStats()
         self._pending: list[ConsumerRecord] = []
         self._batch_started: float | None = None
+        # Offsets of inserted records, committed by the run loop (``insert_pending``).
+        self._inserted: dict[TopicPartition, OffsetAndMetadata] = {}
+        self._inserted_records: Counter[TopicPartition] = Counter()
         self.failure: BaseException | None = None  # raised in a rebalance callback
         try:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=settings.kafka_bootstrap,
                 group_id=settings.sink_group_id,
+                group_instance_id=settings.sink_instance_id,
                 client_id="hymirec-clickhouse-sink",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
@@ -145,6 +158,8 @@ class EventSink:
                 polled = self._poll(room)
                 if self.failure is not None:
                     raise self.failure
+                if self._inserted:  # inserted by the rebalance listener during that poll
+                    self._commit_inserted()
                 now = time.monotonic()
                 if polled:
                     last_record = now
@@ -190,17 +205,42 @@ class EventSink:
 
     def flush(self) -> None:
         """Insert the pending records' valid events, then commit their offsets."""
+        self.insert_pending()
+        self._commit_inserted()
+
+    def insert_pending(self) -> bool:
+        """Insert the pending records' valid events and keep their offsets for the next commit;
+        return whether there were any.
+
+        Makes no Kafka call, so the rebalance listener can run it on kafka-python's I/O thread.
+        """
         if not self._pending:
-            return
+            return False
         records, self._pending, self._batch_started = self._pending, [], None
         events = list(self._parse(records))
         self._insert(events)
         self.stats.batches += 1
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
-            if tp not in offsets or offsets[tp].offset <= r.offset:
-                offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+            if tp not in self._inserted or self._inserted[tp].offset <= r.offset:
+                self._inserted[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+            self._inserted_records[tp] += 1
+        return True
+
+    def _commit_inserted(self) -> None:
+        """Commit the inserted records' offsets for the partitions this sink still owns."""
+        if not self._inserted:
+            return
+        owned = self._consumer.assignment()
+        offsets = {tp: o for tp, o in self._inserted.items() if tp in owned}
+        records = sum(n for tp, n in self._inserted_records.items() if tp in owned)
+        moved = sorted(f"{tp.topic}/{tp.partition}" for tp in self._inserted if tp not in owned)
+        self._inserted, self._inserted_records = {}, Counter()
+        if moved:
+            # Their rows are in; the new owner re-reads them from the last commit (deduplicated).
+            log.info("partitions %s moved to another member; their rows will be re-read", moved)
+        if not offsets:
+            return
         try:
             self._consumer.commit(offsets)
         except CommitFailedError as exc:
@@ -210,7 +250,7 @@ class EventSink:
             return
         except KafkaError as exc:
             raise BrokerError(f"sink offset commit failed: {exc}") from exc
-        self.stats.committed += len(records)
+        self.stats.committed += records
 
     def _parse(self, records: list[ConsumerRecord]) -> Iterator[Event]:
         for r in records:

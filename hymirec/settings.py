@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     sink_group_id: str = Field(
         "hymirec-clickhouse-sink", min_length=1, description="Consumer group of the event sink."
     )
+    sink_instance_id: str = Field(
+        "sink-0",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Stable, unique per sink replica (static group membership)",
+    )
     sink_batch_size: int = Field(
         5000, ge=1, le=1_000_000, description="Events per insert, at most."
     )

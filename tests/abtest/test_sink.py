@@ -253,3 +253,69 @@ def test_the_sink_command_holds_the_chdb_directory_and_stops_cleanly(settings: S
     assert "sink stopped:" in sink.tail()
     with analytics_client(settings) as client:
         assert_exact_counts(client, events)
+
+
+def test_a_sigkilled_sink_takes_its_partitions_back_and_counts_stay_exact(
+    settings: Settings,
+) -> None:
+    """Static membership: the restarted sink rejoins under its instance id at once (the embedded
+    broker never expires the dead member's session, so without it the group would stay stuck)."""
+    events = experiment_events(users=120, seed=13)
+    _, total, _ = produce(settings, events)
+    sink = ServiceProcess("sink", ["sink"], settings)
+    for run in range(2):  # killed twice, at its first progress each time
+        sink.start()
+        before = committed_offsets(settings)
+        wait_until(
+            lambda before=before: not sink.alive() or committed_offsets(settings) > before,  # type: ignore[misc]
+            120,
+            f"the sink (run {run + 1}) to commit",
+            every_s=0.1,
+        )
+        assert sink.alive(), sink.tail()
+        sink.kill()
+        sink.process.wait(timeout=30)  # type: ignore[union-attr]
+    assert committed_offsets(settings) < total  # the kills were mid-stream
+    sink.start()
+    try:
+        wait_until(
+            lambda: not sink.alive() or committed_offsets(settings) == total,
+            120,
+            "the restarted sink to commit every record",
+            every_s=0.5,
+        )
+        assert sink.alive(), sink.tail()
+    finally:
+        assert sink.stop() == 0, sink.tail()
+    with analytics_client(settings) as client:
+        assert_exact_counts(client, events)
+
+
+def test_a_rebalance_inserts_the_pending_batch_and_loses_nothing(settings: Settings) -> None:
+    """A second member joins mid-stream; the first one's rebalance listener runs on kafka-python's
+    I/O thread, where it may not commit: it inserts, and the run loop commits what it still owns."""
+    events = experiment_events(users=160, seed=17)
+    _, total, _ = produce(settings, events)
+    # The first member's batch stays pending (no size or time flush) until the rebalance.
+    slow = settings.model_copy(update={"sink_batch_size": 100_000, "sink_batch_window_s": 8.0})
+    with analytics_client(settings) as client:
+        first = EventSink(slow, client)
+        second = EventSink(settings.model_copy(update={"sink_instance_id": "sink-1"}), client)
+        thread_1, stop_1, errors_1 = run_in_thread(first)
+        threads = [(thread_1, stop_1)]
+        try:
+            wait_until(lambda: errors_1 or first.stats.records > 0, 60, "the first sink to poll")
+            threads.append(run_in_thread(second)[:2])  # joins: the group rebalances
+            wait_until(
+                lambda: errors_1 or committed_offsets(settings) == total, 120, "every commit"
+            )
+        finally:
+            for thread, stop in threads:
+                stop.set()
+                thread.join(timeout=30)
+        assert not errors_1, errors_1
+        assert first.failure is None
+        assert first.stats.rebalance_inserts >= 1  # the listener inserted the pending batch
+        assert second.stats.records > 0  # the second member got partitions
+        assert first.stats.committed + second.stats.committed >= total
+        assert_exact_counts(client, events)
