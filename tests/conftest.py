@@ -66,6 +66,10 @@ def make_settings(tmp_path: Path, broker: LocalBroker) -> Callable[..., Settings
             "dead_letter_topic": f"dead-letter-{tag}",
             "training_topic": f"training-{tag}",
             "faust_app_id": f"hymirec-test-{tag}",
+            # Private consumer groups: a static member a test killed or stopped stays in its
+            # group on the embedded broker (no session expiry), and must not hold up another test.
+            "sink_group_id": f"sink-{tag}",
+            "trainer_group_id": f"trainer-{tag}",
             "worker_web_port": free_port(),
             "topic_partitions": 4,
         }
