@@ -38,7 +38,13 @@ import pandas as pd
 from clickhouse_connect.driver.client import Client
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from abtest.clickhouse import analytics_client, insert_events, load_item_dimension
@@ -53,7 +59,14 @@ __all__ = ["EventSink", "SinkStats", "run_sink"]
 
 log = logging.getLogger(__name__)
 
-_POLL_MS = 200  # longest single poll, so that ``stop`` is noticed quickly
+_POLL_MS = 200
+# Commit errors that mean "the group is rebalancing or has moved on", not "Kafka is down".
+_REBALANCING = (
+    CommitFailedError,
+    RebalanceInProgressError,
+    IllegalGenerationError,
+    UnknownMemberIdError,
+)  # longest single poll, so that ``stop`` is noticed quickly
 
 
 @dataclass
@@ -102,6 +115,7 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
             self.sink.failure = exc
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        self.sink.forget_moved(set(assigned))
         log.info("sink assigned %d partition(s)", len(assigned))
 
 
@@ -228,29 +242,40 @@ class EventSink:
         return True
 
     def _commit_inserted(self) -> None:
-        """Commit the inserted records' offsets for the partitions this sink still owns."""
-        if not self._inserted:
-            return
+        """Commit the inserted records' offsets for the partitions this sink owns now; the
+        others wait for the rebalance to end (``forget_moved`` drops those that moved)."""
         owned = self._consumer.assignment()
         offsets = {tp: o for tp, o in self._inserted.items() if tp in owned}
-        records = sum(n for tp, n in self._inserted_records.items() if tp in owned)
-        moved = sorted(f"{tp.topic}/{tp.partition}" for tp in self._inserted if tp not in owned)
-        self._inserted, self._inserted_records = {}, Counter()
-        if moved:
-            # Their rows are in; the new owner re-reads them from the last commit (deduplicated).
-            log.info("partitions %s moved to another member; their rows will be re-read", moved)
         if not offsets:
             return
         try:
             self._consumer.commit(offsets)
-        except CommitFailedError as exc:
-            # The rows are in; the group moved on, so another member re-reads them (deduplicated).
+        except _REBALANCING as exc:
+            # The rows are in; retried after the next poll, which completes the rebalance.
             self.stats.commit_failures += 1
-            log.warning("offset commit after an insert failed (rows will be re-read): %s", exc)
+            log.warning("offset commit deferred until the rebalance completes: %s", exc)
             return
         except KafkaError as exc:
             raise BrokerError(f"sink offset commit failed: {exc}") from exc
+        records = 0
+        for tp, offset in offsets.items():
+            if self._inserted.get(tp) == offset:  # nothing newer was inserted meanwhile
+                del self._inserted[tp]
+                records += self._inserted_records.pop(tp, 0)
         self.stats.committed += records
+
+    def forget_moved(self, assigned: set[TopicPartition]) -> None:
+        """After a rebalance: offsets of partitions now owned by another member are dropped (their
+        rows are in; the new owner re-reads them from the last commit, deduplicated)."""
+        moved = [tp for tp in self._inserted if tp not in assigned]
+        for tp in moved:
+            del self._inserted[tp]
+            self._inserted_records.pop(tp, None)
+        if moved:
+            names = sorted(f"{tp.topic}/{tp.partition}" for tp in moved)
+            log.info(
+                "partitions %s moved to another member; their last rows will be re-read", names
+            )
 
     def _parse(self, records: list[ConsumerRecord]) -> Iterator[Event]:
         for r in records:

@@ -16,7 +16,11 @@ ClickHouse sink and the trainer (``popular``), each SIGKILLed 3 times at random 
 restarted; the figures of that run, after checking its counts as the test does (histories,
 ClickHouse per event type, trainer samples).
 
-    .venv/bin/python -m benchmarks.fault_injection [--trials 3] [--chaos]
+    .venv/bin/python -m benchmarks.fault_injection [--trials 3] [--no-broker] \
+        [--chaos [--seeds 8 1 2]]
+
+``--seeds`` runs the pipeline scenario once per seed (other kill moments and impressions); the
+test itself runs a smaller stream (30,000 ratings) to keep the suite short.
 
 Prints markdown and appends it, with the date and the machine, to ``benchmarks/RESULTS.md``.
 """
@@ -302,14 +306,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--trials", type=int, default=3, help="broker kills per signal")
     parser.add_argument("--chaos", action="store_true", help="also run the pipeline scenario")
-    parser.add_argument("--seed", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=8, help="the broker part's seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[8], help="one chaos run each")
+    parser.add_argument("--no-broker", action="store_true", help="skip the broker part")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # connection errors are the point
     load_before = os.getloadavg()[0]
-    broker = broker_section(args.trials, args.seed)
-    chaos = chaos_section(args.seed) if args.chaos else None
+    broker = None if args.no_broker else broker_section(args.trials, args.seed)
+    chaos = [(seed, chaos_section(seed)) for seed in args.seeds] if args.chaos else []
     command = " ".join(["python -m benchmarks.fault_injection", *(argv or sys.argv[1:])])
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [
@@ -317,14 +323,17 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Command: `{command}`. 1-minute load average at start: {load_before:.2f}.",
         "",
-        "### noida-db 0.2.3 across SIGTERM and SIGKILL, under a full-speed producer",
-        "",
-        broker,
-        "",
     ]
-    if chaos is not None:
-        parts += ["### 100,500 events, worker, sink and trainer SIGKILLed 3 times each", ""]
-        parts += [chaos, ""]
+    if broker is not None:
+        parts += ["### noida-db 0.2.3 across SIGTERM and SIGKILL, under a full-speed producer", ""]
+        parts += [broker, ""]
+    for seed, section in chaos:
+        parts += [
+            f"### 100,500 events, worker, sink and trainer SIGKILLed 3 times each (seed {seed})",
+            "",
+            section,
+            "",
+        ]
     report = "\n".join(parts)
     print(report)
     append_section(args.results, report)

@@ -77,6 +77,23 @@ def cpu_pressure_s() -> float:
         return float("nan")
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` on ``cpus`` (threads it starts later inherit the set)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
+def split_cpus(pin_arg: str) -> tuple[set[int], set[int]] | None:
+    """(service CPUs, client and broker CPUs), or None when not pinning."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if pin_arg == "off" or (pin_arg == "auto" and len(allowed) < 2):
+        return None
+    if len(allowed) < 2:
+        raise HymirecError(f"--pin on needs at least 2 CPUs; this process may use {allowed}")
+    half = len(allowed) // 2
+    return set(allowed[:half]), set(allowed[half:])
+
+
 def rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -425,9 +442,8 @@ def render(run: Run, args: argparse.Namespace, argv: list[str] | None, load: tup
         "start + i/rate whatever is in flight; latency runs from that scheduled time, so the "
         "client's own lag (column 'client lag') counts against the service. Service RSS is "
         "VmRSS from /proc every second. CPU pressure: share of the phase's wall time during which "
-        "some runnable task on the machine waited for a CPU (PSI). **The client, the service "
-        "and the broker share the machine's 2 cores** (other engineers' jobs too): 1-minute "
-        "load average "
+        "some runnable task on the machine waited for a CPU (PSI). "
+        f"{_placement(args.cpus)} 1-minute load average "
         f"{load[0]:.2f} at the start, {load[1]:.2f} at the end. Shed counts from the "
         f"service's /metrics (`hymirec_recommend_shed_total`): {shed}.",
         "",
@@ -440,6 +456,15 @@ def render(run: Run, args: argparse.Namespace, argv: list[str] | None, load: tup
         *minutes,
         "",
     ])  # fmt: skip
+
+
+def _placement(cpus: tuple[set[int], set[int]] | None) -> str:
+    if cpus is None:
+        return "**The client, the service and the broker share the CPUs** (other jobs too)."
+    return (
+        f"**The service is pinned to CPU {sorted(cpus[0])}, the client and the broker to CPU "
+        f"{sorted(cpus[1])}** (other jobs on the machine are not pinned)."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -456,6 +481,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-ratings", type=int, default=5000)
     parser.add_argument("--cache-dir", type=Path, default=Path(".hymirec/cache"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
+    parser.add_argument(
+        "--pin",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="service on the first half of the CPUs, client and broker on the rest (auto: if 2+)",
+    )
     args = parser.parse_args(argv)
     for name in ("baseline_s", "step_s", "start_rate", "rate_step", "overload_s"):
         if getattr(args, name) <= 0:
@@ -482,6 +513,12 @@ def main(argv: list[str] | None = None) -> None:
         prepare_s = time.perf_counter() - start
         process, url = serve(settings, args.model, folder)
         assert process.pid is not None  # started
+        cpus = split_cpus(args.pin)
+        if cpus is not None and broker_pid is not None:
+            pin(process.pid, cpus[0])
+            pin(broker_pid, cpus[1])
+            pin(os.getpid(), cpus[1])
+        args.cpus = cpus
         sampler = RssSampler(process.pid)
         sampler.start()
         try:

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     worker_instance_id: str = Field(
         "worker-0", min_length=1, max_length=100, description="Stable, unique per worker replica"
     )
+    worker_push_attempts: int = Field(
+        5, ge=1, le=100, description="Feast push attempts per batch before the worker exits"
+    )
     worker_session_timeout_s: float = Field(10.0, ge=2, le=300)
     worker_max_poll_interval_s: float = Field(120.0, ge=10, le=3600)
 

@@ -8,17 +8,41 @@ Faust handles single events at only ~500/s on two cores. Per batch it:
 2. applies the valid events to the users' states from the changelog-backed table (redeliveries,
    recognised by offset, change nothing);
 3. pushes the changed users' rows (last R ids, last P items as packed codebook codes) to Feast;
-4. sends one training sample per positive event to ``training-samples``;
-5. only then writes the table, so that a crash at any step replays the batch and the idempotent
-   push repeats rather than being skipped.
+4. sends one training sample per positive event to ``training-samples`` and waits until the
+   broker has acknowledged them (and any dead letters);
+5. only then writes the table, and waits until the broker has acknowledged the changelog records,
+   so that a crash at any step replays the batch (the idempotent push repeats rather than being
+   skipped), and a state that makes the batch's events redeliveries is never durable before the
+   samples those events produced.
 
-Faust flushes the producer (changelog, samples, dead letters) before it commits offsets.
+The batch's events are acknowledged (and their offsets committable) only after step 5. Faust's own
+flush before a commit is not enough: ``ProducerBuffer.flush`` (faust-streaming 0.15.3) returns as
+soon as no message was sent for 0.1 s, with messages still buffered, so on a busy worker a commit
+could outrun the changelog. A SIGKILL then lost the state while the offsets stood: 32 events of 4
+users in one run of ``tests/reliability/test_no_loss_under_kills.py``.
+
+Nor are Faust's committed offsets trusted to say where to resume: after the fix above, a run still
+lost one event, delivered neither before nor after a SIGKILL (the next offsets were). So the table
+also keeps, per source partition (key ``-1 - partition``), the newest offset whose effects it
+holds, written after the users' states to the same changelog partition. A record older than that
+is a redelivery and is skipped; a record beyond the next expected offset means Faust skipped
+some: it is ignored and the consumer is sought back to the missing offset (logged, counted in
+``rewinds``). With no record yet for a partition (a new app), the first offset delivered is taken
+as the start.
+
+``take_events`` acknowledges a batch's events when the loop body ends, *however* it ends, and Faust
+commits acknowledged offsets. So a batch must never end half-done: a failed Feast push is retried
+(``worker_push_attempts``, doubling back-off); a batch that still fails stops the process at
+once (``os._exit``, like a crash), before the acknowledgement, so that a restart re-reads it. A
+stop (SIGTERM) that arrives during a batch lets the batch finish first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +56,7 @@ from faust.types import EventT, StreamT
 from features.codebook import ResidualCodebook
 from features.item_features import ItemCodeTable
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.errors import InvalidEvent
+from hymirec.errors import FeatureStoreError, InvalidEvent
 from hymirec.settings import Settings
 from streaming.history import UserHistory
 from streaming.schema import Event, TrainingSample, parse_event
@@ -40,6 +64,8 @@ from streaming.schema import Event, TrainingSample, parse_event
 __all__ = ["PipelineCounters", "create_app"]
 
 log = logging.getLogger(__name__)
+
+EXIT_BATCH_FAILED = 70  # the process exit code when a batch could not be completed
 
 
 @dataclass
@@ -51,6 +77,9 @@ class PipelineCounters:
     redeliveries: int = 0
     samples: int = 0
     pushes: int = 0
+    push_retries: int = 0
+    skipped_deliveries: int = 0  # records delivered after a gap (ignored; see _rewind)
+    rewinds: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     # Wall seconds spent per phase of batch processing (the rest is waiting for records).
     phase_s: dict[str, float] = field(
@@ -127,6 +156,7 @@ def create_app(
     counters = PipelineCounters()
     codebook_version = codebook.version
     pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
+    rewound_at: dict[int, float] = {}
 
     async def dead_letter(event: EventT[bytes], error: InvalidEvent) -> None:
         message = event.message
@@ -150,14 +180,60 @@ def create_app(
         async for batch in stream.take_events(  # type: ignore[attr-defined]
             settings.stream_batch_size, within=settings.stream_batch_window_s
         ):
-            await process_batch(batch)
+            await complete(batch)
+
+    async def complete(batch: list[EventT[bytes]]) -> None:
+        """Process the batch to its end, or end the process before its events are acknowledged."""
+        task = asyncio.ensure_future(process_batch(batch))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The worker is stopping: finish this batch first (its events are acknowledged as
+            # soon as this returns). A second cancellation means it cannot wait: die unacked.
+            log.info("stopping: finishing the batch in progress (%d records)", len(batch))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                _die(f"stopped in the middle of a batch of {len(batch)} records", None)
+            raise
+        except BaseException as exc:
+            _die(f"a batch of {len(batch)} records failed", exc)
+
+    async def push(rows: list[UserHistoryFeatures]) -> None:
+        loop = asyncio.get_running_loop()
+        for attempt in range(settings.worker_push_attempts):
+            try:
+                await loop.run_in_executor(pusher, store.push_user_histories, rows)
+                return
+            except FeatureStoreError as exc:
+                if attempt + 1 == settings.worker_push_attempts:
+                    raise
+                counters.push_retries += 1
+                log.warning("Feast push failed (attempt %d), retrying: %s", attempt + 1, exc)
+                await asyncio.sleep(0.2 * 2**attempt)
 
     async def process_batch(batch: list[EventT[bytes]]) -> None:
         clock = time.perf_counter()
+        dead_before = counters.dead_letters
         changed: dict[int, UserHistory] = {}
         last_event: dict[int, EventT[bytes]] = {}
         samples: list[TrainingSample] = []
+        positions: dict[int, int] = {}  # partition -> newest offset applied, this batch on
+        last_record: dict[int, EventT[bytes]] = {}
         for record in batch:
+            message = record.message
+            partition, offset = message.partition, message.offset
+            applied_to = positions.get(partition)
+            if applied_to is None:
+                applied_to = _applied_offset(partition, offset)
+            if offset <= applied_to:
+                counters.redeliveries += 1
+                continue
+            if offset > applied_to + 1:
+                await _rewind(message.tp, applied_to + 1, offset)
+                continue
+            positions[partition] = offset
+            last_record[partition] = record
             try:
                 event: Event = parse_event(record.value, settings.max_event_bytes)
             except InvalidEvent as error:
@@ -167,10 +243,9 @@ def create_app(
             state = changed.get(user)
             if state is None:
                 state = UserHistory.from_record(histories.get(user))
-            message = record.message
             ingest_ts_ms = int(message.timestamp * 1000) if message.timestamp else None
             applied, sample = state.apply(
-                event, message.offset, settings.recent_len, settings.long_len, ingest_ts_ms
+                event, offset, settings.recent_len, settings.long_len, ingest_ts_ms
             )
             if not applied:
                 counters.redeliveries += 1
@@ -180,19 +255,24 @@ def create_app(
             last_event[user] = record
             if sample is not None:
                 samples.append(sample)
+        if not positions:
+            return
         if not changed:
+            if counters.dead_letters != dead_before:
+                await flush_producer()
+            _write_positions(positions, last_record)
+            await flush_producer()
             return
         rows = [_feature_row(user, state) for user, state in changed.items()]
         clock = _lap(counters, "apply", clock)
-        await asyncio.get_running_loop().run_in_executor(pusher, store.push_user_histories, rows)
+        await push(rows)
         counters.pushes += 1
         clock = _lap(counters, "push", clock)
         for sample in samples:
-            # Buffered: the producer sends in the background and Faust flushes it before
-            # committing the offsets of this batch.
             training_topic.send_soon(
                 key=str(sample.user_id).encode(), value=sample.model_dump_json().encode()
             )
+        await flush_producer()  # samples and dead letters durable before the state moves on
         counters.samples += len(samples)
         clock = _lap(counters, "samples", clock)
         for user, state in changed.items():
@@ -204,7 +284,49 @@ def create_app(
                 histories[user] = state.to_record()
             finally:
                 _CURRENT_EVENT.reset(token)
+        _write_positions(positions, last_record)  # after the users, on the same partitions
+        await flush_producer()  # the changelog durable before the batch is acknowledged
         _lap(counters, "table", clock)
+
+    def _partition_key(partition: int) -> int:
+        return -1 - partition  # user ids are >= 0
+
+    def _applied_offset(partition: int, first_offset: int) -> int:
+        """The newest offset of ``partition`` whose effects are in the table; with no record yet
+        (a new app), the offset before the first one delivered."""
+        record = histories.get(_partition_key(partition))
+        return int(record["applied"]) if record is not None else first_offset - 1
+
+    async def _rewind(tp: Any, wanted: int, got: int) -> None:
+        """Faust delivered ``got`` where ``wanted`` was next: go back for the skipped records
+        (at most once a second per partition; later records are ignored until they come)."""
+        counters.skipped_deliveries += 1
+        now = time.monotonic()
+        if now - rewound_at.get(tp.partition, -1e9) < 1.0:
+            return
+        rewound_at[tp.partition] = now
+        counters.rewinds += 1
+        log.warning(
+            "%s[%d]: offset %d delivered where %d was next; seeking back to %d",
+            tp.topic, tp.partition, got, wanted, wanted,
+        )  # fmt: skip
+        await app.consumer.seek(tp, wanted)
+
+    def _write_positions(positions: dict[int, int], records: dict[int, EventT[bytes]]) -> None:
+        """Each partition's newest applied offset, to its own changelog partition (see above)."""
+        for partition, offset in positions.items():
+            token = _CURRENT_EVENT.set(weakref.ref(records[partition]))
+            try:
+                histories[_partition_key(partition)] = {"applied": offset}
+            finally:
+                _CURRENT_EVENT.reset(token)
+
+    async def flush_producer() -> None:
+        """Return once the broker has acknowledged every message handed to the producer."""
+        producer = app.producer
+        while producer.buffer.size:  # its flush may return early: loop until it is empty
+            await producer.buffer.flush_atmost(producer.buffer.size)
+        await producer.flush()  # then the aiokafka producer's in-flight batches
 
     def _feature_row(user: int, state: UserHistory) -> UserHistoryFeatures:
         codes = item_codes.lookup(state.items)
@@ -221,12 +343,24 @@ def create_app(
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         log.info(
-            "events=%d samples=%d dead_letters=%d redeliveries=%d pushes=%d busy_s=%s",
+            "events=%d samples=%d dead_letters=%d redeliveries=%d pushes=%d rewinds=%d busy_s=%s",
             counters.events, counters.samples, counters.dead_letters, counters.redeliveries,
-            counters.pushes, {k: round(v, 1) for k, v in counters.phase_s.items()},
+            counters.pushes, counters.rewinds,
+            {k: round(v, 1) for k, v in counters.phase_s.items()},
         )  # fmt: skip
 
     return app, counters
+
+
+def _die(what: str, exc: BaseException | None) -> None:
+    """End the process now, without acknowledging the batch: a restart re-reads it."""
+    log.critical(
+        "%s; exiting with code %d before its offsets can be committed (a restart re-reads it)",
+        what, EXIT_BATCH_FAILED, exc_info=exc,
+    )  # fmt: skip
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(EXIT_BATCH_FAILED)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> Any:

@@ -1,20 +1,26 @@
 """No event lost, none counted twice: the Faust worker, the ClickHouse sink and the trainer are
-each SIGKILLed several times at random moments while 100,500 events stream through, and restarted.
+each SIGKILLed several times at random moments while events stream through, and restarted.
 
-The stream is all 100,000 MovieLens-100K ratings (positive events) with 500 impressions (not
-positive: no history, no training sample) mixed in at random places. A thread produces it in
-chunks, at most one chunk ahead of the worker (the slowest stage), so every service is busy
-throughout and the stream goes on while services are down. Once the stream has reached a chunk
-chosen by a seeded RNG, one service (in a seeded order, each the same number of times) is
-killed a random delay after it was seen to make progress, and restarted at once. At the end:
-every user's online history in Feast equals the ratings produced; ClickHouse holds every produced
-event exactly once, per event type; the trainer's latest version counted every positive event
-exactly once (``samples_seen``, and the sum of their event ids mod 2**64). The random delay is the
-only sleep: everything else waits on a condition with a deadline.
+The stream is MovieLens-100K ratings (positive events) in replay order with impressions (not
+positive: no history, no training sample) mixed in at random places. The test runs the first
+30,000 ratings and 150 impressions, to keep the suite short; ``benchmarks/fault_injection.py
+--chaos`` runs this same scenario on all 100,000 ratings and 500 impressions (issue 8 asks for
+at least 100,000 events) and records the figures in ``benchmarks/RESULTS.md``.
+
+A thread produces the stream in chunks, at most one chunk ahead of the worker (the slowest
+stage), so every service is busy throughout and the stream goes on while services are down.
+Once the stream has reached a chunk chosen by a seeded RNG, one service (in a seeded order,
+each the same number of times) is killed a random delay after it was seen to make progress,
+and restarted at once. At the end: every user's online history in Feast equals the ratings
+produced; ClickHouse holds every produced event exactly once, per event type; the trainer's
+latest version counted every positive event exactly once (``samples_seen``, and the sum of
+their event ids mod 2**64). The random delay is the only sleep: everything else waits on a
+condition with a deadline.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -24,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
@@ -42,17 +49,13 @@ from tests.conftest import wait_until
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.timeout(1800),
-    # Known failures, found by this test (2026-11-26), not yet fixed: a SIGKILLed sink never gets
-    # its partitions back (no static membership on noida-db), its revoke handler commits from
-    # kafka-python's I/O thread, and a SIGKILLed Faust worker lost 17 events in 1 of 3 runs.
-    # Not run in CI until they are fixed; run it with --runxfail.
-    pytest.mark.xfail(reason="sink static membership, sink revoke commit, worker gaps", run=False),
+    pytest.mark.timeout(900),
 ]
 
 SERVICES = ("worker", "sink", "trainer")
 # The line each service logs once it owns its input partitions (the worker's progress shows it).
 READY_LINES = {"sink": "sink assigned", "trainer": "trainer ready"}
+RATINGS = 30_000  # the test's stream; the benchmark runs all 100,000
 TRAINED_MODEL = "popular"  # cheap: the exactness is about offsets, not the model
 Counting = Callable[[], int]
 _IMPRESSION_IDS = uuid.UUID("3f1c2b7e-6d1a-4c4e-9b8e-7a0c0ffee008")
@@ -69,9 +72,16 @@ class Stream:
         return [e for e in self.events if e.is_positive]
 
 
-def build_stream(impressions: int, seed: int) -> Stream:
-    """All ML-100K ratings in replay order, with ``impressions`` impressions mixed in."""
-    ratings = load_ratings()
+def build_stream(impressions: int, seed: int, ratings: int | None = None) -> Stream:
+    """The first ``ratings`` ML-100K ratings (all by default) in replay order, with
+    ``impressions`` impressions mixed in."""
+    ratings_df = load_ratings()
+    if ratings is not None:
+        ratings_df = ratings_df.head(ratings)
+    return _stream(ratings_df, impressions, seed)
+
+
+def _stream(ratings: pd.DataFrame, impressions: int, seed: int) -> Stream:
     rng = np.random.default_rng(seed)
     users = ratings["user_id"].unique()
     ts = ratings["ts_ms"].to_numpy()
@@ -212,12 +222,18 @@ class ChaosReport:
 
 
 class StreamProducer(threading.Thread):
-    """Produces the stream in chunks, each once the worker is within a chunk of the last one,
-    so the stream goes on while services are being killed and restarted."""
+    """Produces the stream in chunks, each once the worker is within a chunk of the last one
+    and the kills planned up to that chunk were made (``kill_after``: chunks produced before
+    each, sorted), so the stream goes on while services are being restarted, and every kill
+    finds its service with input still to come."""
 
-    def __init__(self, settings: Settings, stream: Stream, chunks: int) -> None:
+    def __init__(
+        self, settings: Settings, stream: Stream, chunks: int, kill_after: list[int]
+    ) -> None:
         super().__init__(name="stream-producer", daemon=True)
         self.settings, self.stream, self.chunks = settings, stream, chunks
+        self.kill_after = kill_after
+        self.kills_made = 0
         self.size = -(-len(stream.events) // chunks)
         self.sent = self.sent_positive = self.chunks_sent = 0
         self.error: BaseException | None = None
@@ -231,8 +247,11 @@ class StreamProducer(threading.Thread):
             with EventProducer(self.settings) as producer:
                 for index in range(self.chunks):
                     chunk = self.stream.events[index * self.size : (index + 1) * self.size]
-                    behind = self.sent_positive - self.size  # the previous chunk's start
+                    due = sum(after <= index for after in self.kill_after)
                     deadline = time.monotonic() + 600
+                    while self.kills_made < due and not self.stop.wait(0.1):
+                        assert time.monotonic() < deadline, f"kill {self.kills_made + 1} not made"
+                    behind = self.sent_positive - self.size  # the previous chunk's start
                     while sum(
                         r.history_len for r in store.user_histories(users).values() if r
                     ) < behind and not self.stop.wait(0.5):
@@ -273,7 +292,7 @@ def run_chaos(
     probes = Probes(settings, sorted(stream.histories))
     services = {name: Service(name, settings) for name in SERVICES}
     report = ChaosReport(kills={name: 0 for name in SERVICES})
-    producer = StreamProducer(settings, stream, chunks)
+    producer = StreamProducer(settings, stream, chunks, kill_after)
     started = time.monotonic()
     try:
         for service in services.values():
@@ -308,6 +327,7 @@ def run_chaos(
                 "of its input not yet durable"
             )
             service.start(probes)
+            producer.kills_made += 1  # the stream goes on while the service starts
             service.wait_ready()
         wait_until(lambda: producer.produced(chunks), 900, "the whole stream to be produced")
         report.produced_s = time.monotonic() - started
@@ -355,8 +375,9 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
     )
     ensure_topics(settings)
     built = build_item_features(settings)
-    stream = build_stream(impressions=500, seed=8)
-    report = run_chaos(settings, stream, kills_per_service=3, seed=8, on_event=print)
+    seed = int(os.environ.get("CHAOS_SEED", "8"))  # another seed: other kill moments
+    stream = build_stream(impressions=150, seed=seed, ratings=RATINGS)
+    report = run_chaos(settings, stream, kills_per_service=3, chunks=14, seed=seed, on_event=print)
     print(f"chaos: {report}")
     assert report.kills == {"worker": 3, "sink": 3, "trainer": 3}
     assert report.stop_codes["sink"] == 0
@@ -389,7 +410,7 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
     assert latest is not None
     meta = latest.metadata
     positives = stream.positives
-    assert meta["samples_seen"] == len(positives) == 100_000
+    assert meta["samples_seen"] == len(positives) == RATINGS
     digest = sum(e.event_id.int for e in positives) % 2**64
     assert meta["sample_digest"] == f"{digest:016x}"
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -14,6 +16,7 @@ from hymirec.demo import wait_for_histories
 from hymirec.movielens import load_ratings, replay_histories
 from hymirec.processes import ServiceProcess
 from hymirec.settings import Settings
+from streaming.app import EXIT_BATCH_FAILED
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events, replay_events
 from tests.conftest import wait_until
@@ -68,3 +71,47 @@ def test_killed_workers_resume_exactly(make_settings: Callable[..., Settings]) -
         assert len({event_id for _, _, event_id in keys}) == EVENTS
     finally:
         worker.stop()
+
+
+def test_a_batch_that_cannot_be_pushed_ends_the_worker_before_its_offsets_are_committed(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Feast locked (an exclusive SQLite lock held here): the push fails, is retried, and the
+    worker exits with code 70 without acknowledging the batch; a restart re-reads it exactly."""
+    settings = make_settings(recent_len=20, long_len=300, worker_push_attempts=2)
+    ensure_topics(settings)
+    build_item_features(settings)
+    ratings = load_ratings().head(4_000)
+    first, second = ratings.head(2_000), ratings.tail(2_000)
+    histories = replay_histories(ratings)
+    store = FeatureStoreClient(settings)
+    with EventProducer(settings) as producer:
+        replay_events(producer, movielens_events(first))
+    worker = ServiceProcess("worker-locked", ["worker"], settings).start()
+    try:
+        wait_for_histories(store, dict(Counter(first["user_id"].tolist())), timeout_s=180)
+        lock = sqlite3.connect(settings.feast_dir / "online_store.db", timeout=30)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            with EventProducer(settings) as producer:
+                replay_events(producer, movielens_events(second))
+            code = worker.process.wait(timeout=120)  # type: ignore[union-attr]
+        finally:
+            lock.rollback()
+            lock.close()
+    finally:
+        worker.stop()
+    log = worker.tail(400)
+    assert code == EXIT_BATCH_FAILED, log
+    assert "Feast push failed (attempt 1), retrying" in log
+    assert "before its offsets can be committed" in log
+    restarted = ServiceProcess("worker-unlocked", ["worker"], settings).start()
+    try:
+        wait_for_histories(store, {u: len(v) for u, v in histories.items()}, timeout_s=180)
+        online = store.user_histories(sorted(histories))
+        for user, items in histories.items():
+            row = online[user]
+            assert row is not None and row.history_len == len(items), f"user {user}"
+            assert row.recent_item_ids == items[-settings.recent_len :].tolist(), f"user {user}"
+    finally:
+        assert restarted.stop() == 0, restarted.tail()
