@@ -26,8 +26,8 @@ lost one event, delivered neither before nor after a SIGKILL (the next offsets w
 also keeps, per source partition (key ``-1 - partition``), the newest offset whose effects it
 holds, written after the users' states to the same changelog partition. A record older than that
 is a redelivery and is skipped; a record beyond the next expected offset means Faust skipped
-some: it is ignored and the consumer is sought back to the missing offset (logged, counted in
-``rewinds``). With no record yet for a partition (a new app), the first offset delivered is taken
+some: it is ignored and the consumer is sought back to the missing offset (logged once, counted
+in ``rewinds``). With no record yet for a partition (a new app), the first offset delivered is taken
 as the start.
 
 ``take_events`` acknowledges a batch's events when the loop body ends, *however* it ends, and Faust
@@ -156,7 +156,7 @@ def create_app(
     counters = PipelineCounters()
     codebook_version = codebook.version
     pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
-    rewound_at: dict[int, float] = {}
+    rewound_to: dict[int, int] = {}  # partition -> the offset last sought back to
 
     async def dead_letter(event: EventT[bytes], error: InvalidEvent) -> None:
         message = event.message
@@ -298,18 +298,19 @@ def create_app(
         return int(record["applied"]) if record is not None else first_offset - 1
 
     async def _rewind(tp: Any, wanted: int, got: int) -> None:
-        """Faust delivered ``got`` where ``wanted`` was next: go back for the skipped records
-        (at most once a second per partition; later records are ignored until they come)."""
+        """Faust delivered ``got`` where ``wanted`` was next: seek back for the skipped records.
+
+        Sought again at every such delivery: records Faust had already fetched still arrive after
+        a seek and move its read position past ``wanted``; the seek after the last of them
+        holds (a record behind Faust's read position would be dropped, not delivered)."""
         counters.skipped_deliveries += 1
-        now = time.monotonic()
-        if now - rewound_at.get(tp.partition, -1e9) < 1.0:
-            return
-        rewound_at[tp.partition] = now
-        counters.rewinds += 1
-        log.warning(
-            "%s[%d]: offset %d delivered where %d was next; seeking back to %d",
-            tp.topic, tp.partition, got, wanted, wanted,
-        )  # fmt: skip
+        if rewound_to.get(tp.partition) != wanted:
+            rewound_to[tp.partition] = wanted
+            counters.rewinds += 1
+            log.warning(
+                "%s[%d]: offset %d delivered where %d was next; seeking back to %d",
+                tp.topic, tp.partition, got, wanted, wanted,
+            )  # fmt: skip
         await app.consumer.seek(tp, wanted)
 
     def _write_positions(positions: dict[int, int], records: dict[int, EventT[bytes]]) -> None:

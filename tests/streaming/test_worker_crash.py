@@ -9,6 +9,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient, MemberToRemove
+from kafka.structs import OffsetAndMetadata
 
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
@@ -115,3 +118,59 @@ def test_a_batch_that_cannot_be_pushed_ends_the_worker_before_its_offsets_are_co
             assert row.recent_item_ids == items[-settings.recent_len :].tolist(), f"user {user}"
     finally:
         assert restarted.stop() == 0, restarted.tail()
+
+
+def test_a_committed_offset_past_unapplied_records_is_sought_back(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The worker resumes from the positions in its own table, not from the group's committed
+    offsets: offsets committed past records it never applied (what a Faust commit racing the
+    changelog leaves behind) are detected at the first delivery, and it seeks back for them."""
+    settings = make_settings(recent_len=20, long_len=300)
+    ensure_topics(settings)
+    build_item_features(settings)
+    ratings = load_ratings().head(3_000)
+    first, second = ratings.head(1_500), ratings.tail(1_500)
+    histories = replay_histories(ratings)
+    store = FeatureStoreClient(settings)
+    with EventProducer(settings) as producer:
+        replay_events(producer, movielens_events(first))
+    worker = ServiceProcess("worker-first", ["worker"], settings).start()
+    try:
+        wait_for_histories(store, dict(Counter(first["user_id"].tolist())), timeout_s=180)
+    finally:
+        assert worker.stop() == 0, worker.tail()
+    with EventProducer(settings) as producer:
+        replay_events(producer, movielens_events(second))
+    # Move the group's committed offsets 40 records past what the worker applied (the stopped
+    # worker is still a static member of its group: remove it first, as an operator would).
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        admin.remove_group_members(
+            settings.faust_app_id, [MemberToRemove(group_instance_id=settings.worker_instance_id)]
+        )
+    finally:
+        admin.close()
+    group = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.faust_app_id,
+        enable_auto_commit=False,
+    )
+    try:
+        parts = [TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)]
+        committed = {tp: group.committed(tp) or 0 for tp in parts}
+        group.commit({tp: OffsetAndMetadata(o + 40, "", -1) for tp, o in committed.items()})
+        assert all(group.committed(tp) == o + 40 for tp, o in committed.items())
+    finally:
+        group.close()
+    restarted = ServiceProcess("worker-second", ["worker"], settings).start()
+    try:
+        wait_for_histories(store, {u: len(v) for u, v in histories.items()}, timeout_s=180)
+        online = store.user_histories(sorted(histories))
+        for user, items in histories.items():
+            row = online[user]
+            assert row is not None and row.history_len == len(items), f"user {user}"
+            assert row.recent_item_ids == items[-settings.recent_len :].tolist(), f"user {user}"
+    finally:
+        assert restarted.stop() == 0, restarted.tail()
+    assert restarted.tail(2_000).count("seeking back to") >= settings.topic_partitions
