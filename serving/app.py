@@ -18,6 +18,7 @@ Kafka producer release the GIL), never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -151,6 +152,9 @@ def create_app(service: RecommendationService, workers: int | None = None) -> Fa
     )
     inflight = 0  # changed on the event loop only: no lock needed
 
+    def overloaded() -> str:
+        return f"overloaded: {inflight} requests in progress (limit {limit}); retry shortly"
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.start()
@@ -208,14 +212,10 @@ def create_app(service: RecommendationService, workers: int | None = None) -> Fa
         except UnknownExperiment as exc:
             metrics.observe(None, None, 404, None)
             raise HTTPException(404, f"experiment: {exc}") from None
-        if inflight >= limit:
+        if inflight >= limit:  # most are shed earlier, by the middleware below
             metrics.shed()
             metrics.observe(None, None, 503, None)
-            raise HTTPException(
-                503,
-                f"overloaded: {inflight} requests in progress (limit {limit}); retry shortly",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise HTTPException(503, overloaded(), headers={"Retry-After": str(RETRY_AFTER_S)})
         inflight += 1
         metrics.inflight(+1)
         try:
@@ -248,4 +248,27 @@ def create_app(service: RecommendationService, workers: int | None = None) -> Fa
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    class ShedEarly:
+        """Pure ASGI: a /recommend request beyond the limit gets its 503 before FastAPI parses,
+        validates or routes it, so that shedding stays cheap when the event loop is saturated."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["path"] != "/recommend" or inflight < limit:
+                await self.inner(scope, receive, send)
+                return
+            metrics.shed()
+            metrics.observe(None, None, 503, None)
+            body = json.dumps({"detail": overloaded()}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(RETRY_AFTER_S).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    app.add_middleware(ShedEarly)
     return app
