@@ -419,7 +419,7 @@ def render(run: Run, args: argparse.Namespace, argv: list[str] | None, load: tup
     ]
     shed = ", ".join(f"{k} {v:g}" for k, v in run.shed_by_service.items())
     return "\n".join([
-        f"## Recommendation service under sustained load — {when} — {machine()}",
+        f"## Recommendation service under sustained load — {when} — {args.host}",
         "",
         f"Command: `{command}`",
         "",
@@ -496,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.overload_factor <= 1:
         parser.error(f"--overload-factor must be > 1; got {args.overload_factor}")
     load_before = os.getloadavg()[0]
+    args.host = machine()  # before this process is pinned to part of the CPUs
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="hymirec-load-test-"))
     broker = LocalBroker(folder / "broker", port=free_port())
