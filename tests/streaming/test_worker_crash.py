@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, MemberToRemove
@@ -82,23 +83,47 @@ def test_killed_workers_resume_exactly(make_settings: Callable[..., Settings]) -
         worker.stop()
 
 
+def worker_on_first_half(
+    settings: Settings, n: int, name: str
+) -> tuple[pd.DataFrame, FeatureStoreClient, ServiceProcess]:
+    """The first ``n`` ratings; the first half produced and applied by a worker left running."""
+    ensure_topics(settings)
+    build_item_features(settings)
+    ratings = load_ratings().head(n)
+    first = ratings.head(n // 2)
+    store = FeatureStoreClient(settings)
+    with EventProducer(settings) as producer:
+        replay_events(producer, movielens_events(first))
+    worker = ServiceProcess(name, ["worker"], settings).start()
+    try:
+        wait_for_histories(store, dict(Counter(first["user_id"].tolist())), timeout_s=180)
+    except BaseException:
+        worker.stop()
+        raise
+    return ratings, store, worker
+
+
+def assert_exact_histories(
+    store: FeatureStoreClient, histories: dict[int, np.ndarray], recent_len: int
+) -> None:
+    """Every user's online history length and recent ids equal the ratings produced."""
+    wait_for_histories(store, {u: len(v) for u, v in histories.items()}, timeout_s=180)
+    online = store.user_histories(sorted(histories))
+    for user, items in histories.items():
+        row = online[user]
+        assert row is not None and row.history_len == len(items), f"user {user}"
+        assert row.recent_item_ids == items[-recent_len:].tolist(), f"user {user}"
+
+
 def test_a_batch_that_cannot_be_pushed_ends_the_worker_before_its_offsets_are_committed(
     make_settings: Callable[..., Settings],
 ) -> None:
     """Feast locked (an exclusive SQLite lock held here): the push fails, is retried, and the
     worker exits with code 70 without acknowledging the batch; a restart re-reads it exactly."""
     settings = make_settings(recent_len=20, long_len=300, worker_push_attempts=2)
-    ensure_topics(settings)
-    build_item_features(settings)
-    ratings = load_ratings().head(4_000)
-    first, second = ratings.head(2_000), ratings.tail(2_000)
-    histories = replay_histories(ratings)
-    store = FeatureStoreClient(settings)
-    with EventProducer(settings) as producer:
-        replay_events(producer, movielens_events(first))
-    worker = ServiceProcess("worker-locked", ["worker"], settings).start()
+    ratings, store, worker = worker_on_first_half(settings, 4_000, "worker-locked")
+    second, histories = ratings.tail(2_000), replay_histories(ratings)
     try:
-        wait_for_histories(store, dict(Counter(first["user_id"].tolist())), timeout_s=180)
         lock = sqlite3.connect(settings.feast_dir / "online_store.db", timeout=30)
         try:
             lock.execute("BEGIN EXCLUSIVE")
@@ -116,12 +141,7 @@ def test_a_batch_that_cannot_be_pushed_ends_the_worker_before_its_offsets_are_co
     assert "before its offsets can be committed" in log
     restarted = ServiceProcess("worker-unlocked", ["worker"], settings).start()
     try:
-        wait_for_histories(store, {u: len(v) for u, v in histories.items()}, timeout_s=180)
-        online = store.user_histories(sorted(histories))
-        for user, items in histories.items():
-            row = online[user]
-            assert row is not None and row.history_len == len(items), f"user {user}"
-            assert row.recent_item_ids == items[-settings.recent_len :].tolist(), f"user {user}"
+        assert_exact_histories(store, histories, settings.recent_len)
     finally:
         assert restarted.stop() == 0, restarted.tail()
 
@@ -133,19 +153,9 @@ def test_a_committed_offset_past_unapplied_records_is_sought_back(
     offsets: offsets committed past records it never applied (what a Faust commit racing the
     changelog leaves behind) are detected at the first delivery, and it seeks back for them."""
     settings = make_settings(recent_len=20, long_len=300)
-    ensure_topics(settings)
-    build_item_features(settings)
-    ratings = load_ratings().head(3_000)
-    first, second = ratings.head(1_500), ratings.tail(1_500)
-    histories = replay_histories(ratings)
-    store = FeatureStoreClient(settings)
-    with EventProducer(settings) as producer:
-        replay_events(producer, movielens_events(first))
-    worker = ServiceProcess("worker-first", ["worker"], settings).start()
-    try:
-        wait_for_histories(store, dict(Counter(first["user_id"].tolist())), timeout_s=180)
-    finally:
-        assert worker.stop() == 0, worker.tail()
+    ratings, store, worker = worker_on_first_half(settings, 3_000, "worker-first")
+    second, histories = ratings.tail(1_500), replay_histories(ratings)
+    assert worker.stop() == 0, worker.tail()
     with EventProducer(settings) as producer:
         replay_events(producer, movielens_events(second))
     # Move the group's committed offsets 40 records past what the worker applied (the stopped
@@ -171,12 +181,7 @@ def test_a_committed_offset_past_unapplied_records_is_sought_back(
         group.close()
     restarted = ServiceProcess("worker-second", ["worker"], settings).start()
     try:
-        wait_for_histories(store, {u: len(v) for u, v in histories.items()}, timeout_s=180)
-        online = store.user_histories(sorted(histories))
-        for user, items in histories.items():
-            row = online[user]
-            assert row is not None and row.history_len == len(items), f"user {user}"
-            assert row.recent_item_ids == items[-settings.recent_len :].tolist(), f"user {user}"
+        assert_exact_histories(store, histories, settings.recent_len)
     finally:
         assert restarted.stop() == 0, restarted.tail()
     assert restarted.tail(2_000).count("seeking back to") >= settings.topic_partitions
