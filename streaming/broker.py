@@ -104,6 +104,11 @@ class LocalBroker:
     def start(self, timeout_s: float = 30.0) -> BrokerStatus:
         """Start the broker unless it already runs, then wait until it answers Kafka requests."""
         if self._read_pid() is None:
+            # A port that just closed can still answer for a moment (seen in CI right after a
+            # stop: a connect to a local ephemeral-range port can meet itself); look again.
+            deadline = time.monotonic() + 3.0
+            while self._port_taken() and time.monotonic() < deadline:
+                time.sleep(0.2)
             if self._port_taken():
                 raise BrokerError(
                     f"port {self.port} on {self.host} is already in use by another process; "
