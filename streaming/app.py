@@ -15,26 +15,28 @@ Faust handles single events at only ~500/s on two cores. Per batch it:
    skipped), and a state that makes the batch's events redeliveries is never durable before the
    samples those events produced.
 
-The batch's events are acknowledged (and their offsets committable) only after step 5. Faust's own
-flush before a commit is not enough: ``ProducerBuffer.flush`` (faust-streaming 0.15.3) returns as
-soon as no message was sent for 0.1 s, with messages still buffered, so on a busy worker a commit
-could outrun the changelog. A SIGKILL then lost the state while the offsets stood: 32 events of 4
-users in one run of ``tests/reliability/test_no_loss_under_kills.py``.
+Where to resume is the table's business, not Faust's. The table keeps, per source partition (key
+``-1 - partition``), the newest offset whose effects it holds, written after the users' states to
+the same changelog partition. Faust's own offset tracking is switched off for the events topic
+(``acks=False``): faust-streaming 0.15.3 was seen committing offsets far past the records the
+worker had processed (1580 committed against 556 applied, after a SIGKILL), and its flush before a
+commit returns as soon as no message was sent for 0.1 s, with messages still buffered. Instead:
 
-Nor are Faust's committed offsets trusted to say where to resume: after the fix above, a run still
-lost one event, delivered neither before nor after a SIGKILL (the next offsets were). So the table
-also keeps, per source partition (key ``-1 - partition``), the newest offset whose effects it
-holds, written after the users' states to the same changelog partition. A record older than that
-is a redelivery and is skipped; a record beyond the next expected offset means Faust skipped
-some: it is ignored and the consumer is sought back to the missing offset (logged once, counted
-in ``rewinds``). With no record yet for a partition (a new app), the first offset delivered is taken
-as the start.
+- after each batch, once its changelog records are acknowledged, the worker commits the batch's
+  positions (offset + 1) itself, so that the group's offsets (the lag that pipeline health shows)
+  never run ahead of the table;
+- at every assignment, once the table is recovered and before Faust seeks to the committed
+  offsets, it commits the table's positions for its partitions (``resume_from_table``), so Faust
+  starts exactly after the last applied record, whatever the group held before;
+- a record older than the position is a redelivery and is skipped; a record beyond the next
+  expected offset means records were skipped: it is ignored and the consumer is sought back to the
+  missing offset (logged once, counted in ``rewinds``). With no position yet for a partition (a
+  new app), the first offset delivered is taken as the start.
 
-``take_events`` acknowledges a batch's events when the loop body ends, *however* it ends, and Faust
-commits acknowledged offsets. So a batch must never end half-done: a failed Feast push is retried
-(``worker_push_attempts``, doubling back-off); a batch that still fails stops the process at
-once (``os._exit``, like a crash), before the acknowledgement, so that a restart re-reads it. A
-stop (SIGTERM) that arrives during a batch lets the batch finish first.
+A batch must never end half-done: a failed Feast push is retried (``worker_push_attempts``,
+doubling back-off); a batch that still fails stops the process at once (``os._exit``, like a
+crash), before its positions are written, so that a restart re-reads it. A stop (SIGTERM) that
+arrives during a batch lets the batch finish first.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def create_app(
         key_serializer="raw",
         value_serializer="raw",
         partitions=settings.topic_partitions,
+        acks=False,  # Faust neither tracks nor commits its offsets: the worker does (see above)
     )
     dead_letter_topic = app.topic(
         settings.dead_letter_topic, key_serializer="raw", value_serializer="raw"
@@ -157,6 +160,7 @@ def create_app(
     codebook_version = codebook.version
     pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
     rewound_to: dict[int, int] = {}  # partition -> the offset last sought back to
+    applied_now: dict[int, int] = {}  # partition -> newest applied offset (for the log)
 
     async def dead_letter(event: EventT[bytes], error: InvalidEvent) -> None:
         message = event.message
@@ -183,13 +187,14 @@ def create_app(
             await complete(batch)
 
     async def complete(batch: list[EventT[bytes]]) -> None:
-        """Process the batch to its end, or end the process before its events are acknowledged."""
+        """Process the batch to its end, or end the process before its positions are written (a
+        crashed Faust agent would leave a worker that runs but consumes nothing)."""
         task = asyncio.ensure_future(process_batch(batch))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            # The worker is stopping: finish this batch first (its events are acknowledged as
-            # soon as this returns). A second cancellation means it cannot wait: die unacked.
+            # The worker is stopping: finish this batch first. A second cancellation means it
+            # cannot wait: die before the batch's positions are written.
             log.info("stopping: finishing the batch in progress (%d records)", len(batch))
             try:
                 await asyncio.shield(task)
@@ -262,6 +267,7 @@ def create_app(
                 await flush_producer()
             _write_positions(positions, last_record)
             await flush_producer()
+            await _commit_positions(positions, last_record)
             return
         rows = [_feature_row(user, state) for user, state in changed.items()]
         clock = _lap(counters, "apply", clock)
@@ -285,7 +291,8 @@ def create_app(
             finally:
                 _CURRENT_EVENT.reset(token)
         _write_positions(positions, last_record)  # after the users, on the same partitions
-        await flush_producer()  # the changelog durable before the batch is acknowledged
+        await flush_producer()  # the changelog durable before the offsets are committed
+        await _commit_positions(positions, last_record)
         _lap(counters, "table", clock)
 
     def _partition_key(partition: int) -> int:
@@ -322,6 +329,34 @@ def create_app(
             finally:
                 _CURRENT_EVENT.reset(token)
 
+    async def _commit_positions(
+        positions: dict[int, int], records: dict[int, EventT[bytes]]
+    ) -> None:
+        """Commit the group's offsets up to what the table now holds (never beyond it)."""
+        applied_now.update(positions)
+        await _commit(app, {records[p].message.tp: offset + 1 for p, offset in positions.items()})
+
+    @app.on_rebalance_complete.connect
+    async def resume_from_table(sender: Any, /, *_: Any, signal: Any, **__: Any) -> None:
+        """Once the table is recovered, and before Faust seeks its partitions to the committed
+        offsets: commit the table's positions, so that it seeks to the first unapplied record."""
+        rewound_to.clear()
+        offsets: dict[Any, int] = {}
+        for tp in sender.consumer.assignment():
+            record = histories.get(_partition_key(tp.partition))
+            if tp.topic == settings.events_topic and record is not None:
+                offsets[tp] = int(record["applied"]) + 1
+        if not offsets:
+            return
+        log.info(
+            "resuming %s at the table's positions %s",
+            settings.events_topic, {tp.partition: o for tp, o in sorted(offsets.items())},
+        )  # fmt: skip
+        try:
+            await _commit(sender, offsets)
+        except Exception as exc:  # the delivery check below still seeks back if need be
+            log.warning("could not commit the table's positions at assignment: %r", exc)
+
     async def flush_producer() -> None:
         """Return once the broker has acknowledged every message handed to the producer."""
         producer = app.producer
@@ -344,17 +379,26 @@ def create_app(
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         log.info(
-            "events=%d samples=%d dead_letters=%d redeliveries=%d pushes=%d rewinds=%d busy_s=%s",
+            "events=%d samples=%d dead_letters=%d redeliveries=%d pushes=%d rewinds=%d busy_s=%s "
+            "applied=%s",
             counters.events, counters.samples, counters.dead_letters, counters.redeliveries,
             counters.pushes, counters.rewinds,
             {k: round(v, 1) for k, v in counters.phase_s.items()},
+            dict(sorted(applied_now.items())),
         )  # fmt: skip
 
     return app, counters
 
 
+async def _commit(app: faust.App, offsets: dict[Any, int]) -> None:
+    """Commit these offsets for the group, as Faust commits acknowledged ones (its consumer's
+    ``_commit_offsets``: drops partitions no longer assigned, records what it committed)."""
+    consumer: Any = app.consumer
+    await consumer._commit_offsets(offsets)
+
+
 def _die(what: str, exc: BaseException | None) -> None:
-    """End the process now, without acknowledging the batch: a restart re-reads it."""
+    """End the process now, before the batch's positions are written: a restart re-reads it."""
     log.critical(
         "%s; exiting with code %d before its offsets can be committed (a restart re-reads it)",
         what, EXIT_BATCH_FAILED, exc_info=exc,

@@ -45,15 +45,11 @@ from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events
 from streaming.schema import Event
 from tests.conftest import wait_until
-from tests.streaming.test_worker_crash import KNOWN_WORKER_LOSS
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.timeout(600),
-    # Passed in every run since the fixes of 2026-11-26 (30k: 2 runs incl. CI; 100k: 2 runs),
-    # but shares the worker's known open failure below; not strict until that is fixed.
-    pytest.mark.xfail(strict=False, reason=KNOWN_WORKER_LOSS),
 ]
 
 SERVICES = ("worker", "sink", "trainer")

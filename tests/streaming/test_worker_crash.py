@@ -29,14 +29,8 @@ from tests.streaming.test_pipeline import read_topic
 pytestmark = pytest.mark.integration
 
 EVENTS = 30_000
-KNOWN_WORKER_LOSS = (
-    "known open bug (issue 8): faust-streaming can commit offsets far past the records the "
-    "worker processed (seen: 1580 committed, 556 applied); the worker detects that from its own "
-    "positions and seeks back, but one run still lost events after a second SIGKILL"
-)
 
 
-@pytest.mark.xfail(strict=False, reason=KNOWN_WORKER_LOSS)
 def test_killed_workers_resume_exactly(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(recent_len=20, long_len=300)
     ensure_topics(settings)
@@ -146,20 +140,24 @@ def test_a_batch_that_cannot_be_pushed_ends_the_worker_before_its_offsets_are_co
         assert restarted.stop() == 0, restarted.tail()
 
 
-def test_a_committed_offset_past_unapplied_records_is_sought_back(
+def test_a_worker_resumes_from_its_table_not_from_committed_offsets(
     make_settings: Callable[..., Settings],
 ) -> None:
     """The worker resumes from the positions in its own table, not from the group's committed
-    offsets: offsets committed past records it never applied (what a Faust commit racing the
-    changelog leaves behind) are detected at the first delivery, and it seeks back for them."""
+    offsets: offsets committed past records it never applied (what faust-streaming's own offset
+    tracking was seen to leave behind) are replaced by the table's at assignment, and the
+    offsets it commits afterwards never run past what it applied."""
     settings = make_settings(recent_len=20, long_len=300)
     ratings, store, worker = worker_on_first_half(settings, 3_000, "worker-first")
     second, histories = ratings.tail(1_500), replay_histories(ratings)
     assert worker.stop() == 0, worker.tail()
     with EventProducer(settings) as producer:
         replay_events(producer, movielens_events(second))
-    # Move the group's committed offsets 40 records past what the worker applied (the stopped
-    # worker is still a static member of its group: remove it first, as an operator would).
+    # Move the group's committed offsets to the end of each partition, past every record of the
+    # second half, which no worker has applied: what a CI run's second SIGKILLed worker left
+    # (Faust had committed up to the end). Nothing is delivered from there, so only a worker that
+    # resumes from its table's positions finds those records. The stopped worker is still a
+    # static member of its group: remove it first, as an operator would.
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     try:
         admin.remove_group_members(
@@ -174,9 +172,10 @@ def test_a_committed_offset_past_unapplied_records_is_sought_back(
     )
     try:
         parts = [TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)]
-        committed = {tp: group.committed(tp) or 0 for tp in parts}
-        group.commit({tp: OffsetAndMetadata(o + 40, "", -1) for tp, o in committed.items()})
-        assert all(group.committed(tp) == o + 40 for tp, o in committed.items())
+        ends = group.end_offsets(parts)
+        assert all((group.committed(tp) or 0) < end for tp, end in ends.items())
+        group.commit({tp: OffsetAndMetadata(end, "", -1) for tp, end in ends.items()})
+        assert {tp: group.committed(tp) for tp in parts} == ends
     finally:
         group.close()
     restarted = ServiceProcess("worker-second", ["worker"], settings).start()
@@ -184,4 +183,13 @@ def test_a_committed_offset_past_unapplied_records_is_sought_back(
         assert_exact_histories(store, histories, settings.recent_len)
     finally:
         assert restarted.stop() == 0, restarted.tail()
-    assert restarted.tail(2_000).count("seeking back to") >= settings.topic_partitions
+    log = restarted.tail(2_000)
+    assert f"resuming {settings.events_topic} at the table's positions" in log, log
+    group = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.faust_app_id
+    )
+    try:
+        assert {tp: group.committed(tp) for tp in parts} == ends
+        assert sum(ends.values()) == len(ratings)
+    finally:
+        group.close()
