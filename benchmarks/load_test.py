@@ -47,6 +47,7 @@ from benchmarks.report import append_section, machine
 from benchmarks.serving_latency import K, free_port, prepare, serve
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
+from serving.app import ranking_threads
 from streaming.broker import LocalBroker
 from streaming.kafka_io import ensure_topics
 
@@ -424,7 +425,8 @@ def render(run: Run, args: argparse.Namespace, argv: list[str] | None, load: tup
         f"Command: `{command}`",
         "",
         f"`hymirec serve` (model `{args.model}` for every user, `serve_max_inflight` "
-        f"{run.max_inflight}, one uvicorn process) as a child process on the stack of "
+        f"{run.max_inflight}, {args.threads} ranking thread(s), one uvicorn process) as a child "
+        "process on the stack of "
         f"`benchmarks.serving_latency` (noida-db broker, Feast SQLite online store with all 943 "
         f"ML-100K users, models trained on the first {args.train_ratings} ratings; set-up "
         f"{prepare_s:.0f} s). Requests `GET /recommend?user_id=U&k={K}` cycle through the users "
@@ -512,9 +514,12 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         users = prepare(settings, args.train_ratings)
         prepare_s = time.perf_counter() - start
+        cpus = split_cpus(args.pin)
+        if cpus is not None:  # the service inherits its CPUs (and sizes its threads by them)
+            os.sched_setaffinity(0, cpus[0])
+        args.threads = ranking_threads(settings)  # what the service computes, on its CPUs
         process, url = serve(settings, args.model, folder)
         assert process.pid is not None  # started
-        cpus = split_cpus(args.pin)
         if cpus is not None and broker_pid is not None:
             pin(process.pid, cpus[0])
             pin(broker_pid, cpus[1])

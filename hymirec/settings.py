@@ -131,8 +131,16 @@ class Settings(BaseSettings):
         8,
         ge=1,
         le=100_000,
-        description="Requests in progress beyond this get a 503. Near the ranking threads "
-        "(2 per core), so an accepted request waits behind few others.",
+        description="Requests in progress beyond this get a 503. A few times the ranking "
+        "threads, so an accepted request waits behind few others.",
+    )
+    serve_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Threads that rank requests, first come first served; 0: one per CPU the "
+        "service may run on. Ranking is CPU-bound: more threads than CPUs only share them, so "
+        "every request in progress finishes late.",
     )
     serve_registry_poll_s: float = Field(2.0, gt=0, le=3600)
 

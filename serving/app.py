@@ -35,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from abtest.experiments import MAX_USER_ID
 from hymirec.errors import FeatureStoreError
+from hymirec.settings import Settings
 from serving.metrics import CONTENT_TYPE_LATEST
 from serving.service import MAX_K, RecommendationService, UnknownExperiment
 
@@ -137,8 +138,9 @@ def _check_query(request: Request) -> None:
         raise HTTPException(422, f"{repeated[0]}: given more than once; pass it once")
 
 
-def _workers(limit: int) -> int:
-    return max(2, min(limit, 2 * len(os.sched_getaffinity(0))))
+def ranking_threads(settings: Settings) -> int:
+    """How many threads rank requests (``serve_threads``, or one per CPU this process may use)."""
+    return settings.serve_threads or min(settings.serve_max_inflight, len(os.sched_getaffinity(0)))
 
 
 def create_app(service: RecommendationService, workers: int | None = None) -> FastAPI:
@@ -148,7 +150,7 @@ def create_app(service: RecommendationService, workers: int | None = None) -> Fa
     metrics = service.metrics
     limit = settings.serve_max_inflight
     executor = ThreadPoolExecutor(
-        max_workers=workers or _workers(limit), thread_name_prefix="hymirec-serve"
+        max_workers=workers or ranking_threads(settings), thread_name_prefix="hymirec-serve"
     )
     inflight = 0  # changed on the event loop only: no lock needed
 

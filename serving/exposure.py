@@ -67,10 +67,11 @@ def impression_events(exposure: Exposure) -> list[Event]:
 class ExposureLog:
     """Impressions to ``settings.events_topic`` through the project's :class:`EventProducer`."""
 
-    def __init__(self, settings: Settings, max_block_ms: int = 2000) -> None:
+    def __init__(self, settings: Settings, max_block_ms: int = 2000, linger_ms: int = 50) -> None:
         # max_block_ms bounds how long a send may block a request thread when the broker is
-        # unreachable (kafka-python's default is 60 s).
-        self.producer = EventProducer(settings, max_block_ms=max_block_ms)
+        # unreachable (kafka-python's default is 60 s). Impressions wait up to linger_ms to be
+        # sent together: a request's k records, and several requests', in one produce request.
+        self.producer = EventProducer(settings, max_block_ms=max_block_ms, linger_ms=linger_ms)
         self.topic = settings.events_topic
         self._lock = threading.Lock()
         self.sent = 0
