@@ -69,7 +69,7 @@ Record = tuple[bytes, bytes]
 WARMUP_USER = 9_000_000
 PROBE_USER_BASE = 10_000_000  # + 1000 * round + i: one fresh user per probe
 LOAD_USER_BASE = 20_000_000  # + MovieLens user id: the background load's users
-REPORT = re.compile(r"events=(\d+) .*?pushes=(\d+) busy_s=(\{[^}]*\})")
+REPORT = re.compile(r"events=(\d+) .*?pushes=(\d+) .*?busy_s=(\{[^}]*\})")
 
 
 def free_port() -> int:
