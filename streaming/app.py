@@ -228,6 +228,7 @@ def create_app(
         samples: list[TrainingSample] = []
         positions: dict[int, int] = {}  # partition -> newest offset applied, this batch on
         last_record: dict[int, EventT[bytes]] = {}
+        gaps: dict[int, tuple[Any, int, int]] = {}  # partition -> (tp, wanted, first got)
         for record in batch:
             message = record.message
             partition, offset = message.partition, message.offset
@@ -238,7 +239,8 @@ def create_app(
                 counters.redeliveries += 1
                 continue
             if offset > applied_to + 1:
-                await _rewind(message.tp, applied_to + 1, offset)
+                counters.skipped_deliveries += 1
+                gaps.setdefault(partition, (message.tp, applied_to + 1, offset))
                 continue
             positions[partition] = offset
             last_record[partition] = record
@@ -263,6 +265,9 @@ def create_app(
             last_event[user] = record
             if sample is not None:
                 samples.append(sample)
+        for partition, (tp, wanted, got) in gaps.items():
+            if positions.get(partition, wanted - 1) < wanted:  # not filled later in the batch
+                await _rewind(tp, wanted, got)
         if not positions:
             return
         if not changed:
@@ -310,10 +315,11 @@ def create_app(
     async def _rewind(tp: Any, wanted: int, got: int) -> None:
         """Faust delivered ``got`` where ``wanted`` was next: seek back for the skipped records.
 
-        Sought again at every such delivery: records Faust had already fetched still arrive after
-        a seek and move its read position past ``wanted``; the seek after the last of them
-        holds (a record behind Faust's read position would be dropped, not delivered)."""
-        counters.skipped_deliveries += 1
+        Sought again after every batch with such deliveries (once per partition and batch: each
+        seek waits for the consumer thread's fetch in progress): records Faust had already
+        fetched still arrive after a seek and move its read position past ``wanted``; the seek
+        after the last of them holds (a record behind Faust's read position would be dropped,
+        not delivered)."""
         if rewound_to.get(tp.partition) != wanted:
             rewound_to[tp.partition] = wanted
             counters.rewinds += 1
