@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
 from hymirec.settings import Settings
 from streaming.broker import LocalBroker
@@ -41,6 +42,18 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(every_s)
+
+
+def committed_offsets(settings: Settings, group_id: str) -> dict[TopicPartition, int | None]:
+    """The group's committed offset per events partition (None where it has none)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group_id, enable_auto_commit=False
+    )
+    try:
+        parts = [TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)]
+        return {tp: consumer.committed(tp) for tp in parts}
+    finally:
+        consumer.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
-from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from abtest.clickhouse import analytics_client, open_client, query_df
@@ -28,6 +27,7 @@ from hymirec.processes import ServiceProcess
 from hymirec.settings import Settings
 from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.schema import Event
+from tests.conftest import committed_offsets as group_offsets
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
@@ -105,16 +105,7 @@ def produce(settings: Settings, events: list[Event]) -> tuple[int, int, Counter[
 
 def committed_offsets(settings: Settings) -> int:
     """Sum over partitions of the sink group's committed offsets (0 where none)."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=settings.sink_group_id,
-        enable_auto_commit=False,
-    )
-    try:
-        parts = [TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)]
-        return sum(consumer.committed(tp) or 0 for tp in parts)
-    finally:
-        consumer.close()
+    return sum(o or 0 for o in group_offsets(settings, settings.sink_group_id).values())
 
 
 def run_in_thread(sink: EventSink) -> tuple[threading.Thread, threading.Event, list[BaseException]]:

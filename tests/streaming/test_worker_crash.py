@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, MemberToRemove
 from kafka.structs import OffsetAndMetadata
 
@@ -23,7 +23,7 @@ from hymirec.settings import Settings
 from streaming.app import EXIT_BATCH_FAILED
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events, replay_events
-from tests.conftest import wait_until
+from tests.conftest import committed_offsets, wait_until
 from tests.streaming.test_pipeline import read_topic
 
 pytestmark = pytest.mark.integration
@@ -171,13 +171,13 @@ def test_a_worker_resumes_from_its_table_not_from_committed_offsets(
         enable_auto_commit=False,
     )
     try:
-        parts = [TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)]
-        ends = group.end_offsets(parts)
-        assert all((group.committed(tp) or 0) < end for tp, end in ends.items())
+        ends = group.end_offsets(list(committed_offsets(settings, settings.faust_app_id)))
+        before = committed_offsets(settings, settings.faust_app_id)
+        assert all((before[tp] or 0) < end for tp, end in ends.items())
         group.commit({tp: OffsetAndMetadata(end, "", -1) for tp, end in ends.items()})
-        assert {tp: group.committed(tp) for tp in parts} == ends
     finally:
         group.close()
+    assert committed_offsets(settings, settings.faust_app_id) == ends
     restarted = ServiceProcess("worker-second", ["worker"], settings).start()
     try:
         assert_exact_histories(store, histories, settings.recent_len)
@@ -185,11 +185,5 @@ def test_a_worker_resumes_from_its_table_not_from_committed_offsets(
         assert restarted.stop() == 0, restarted.tail()
     log = restarted.tail(2_000)
     assert f"resuming {settings.events_topic} at the table's positions" in log, log
-    group = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.faust_app_id
-    )
-    try:
-        assert {tp: group.committed(tp) for tp in parts} == ends
-        assert sum(ends.values()) == len(ratings)
-    finally:
-        group.close()
+    assert committed_offsets(settings, settings.faust_app_id) == ends  # the worker's commits
+    assert sum(ends.values()) == len(ratings)
