@@ -113,6 +113,8 @@ def create_app(
         settings.faust_app_id,
         broker=_faust_brokers(settings.kafka_bootstrap),
         store="memory://",  # state lives in the changelog topic; recovered on start
+        # Faust makes this folder even for memory tables; its default is "<id>-data" in the cwd.
+        datadir=str(settings.data_dir.resolve() / "faust" / settings.faust_app_id),
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=1,
         web_host="127.0.0.1",
