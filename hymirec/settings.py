@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         5, ge=1, le=100, description="Feast push attempts per batch before the worker exits"
     )
     worker_session_timeout_s: float = Field(10.0, ge=2, le=300)
+    worker_fault_drop: str = Field(
+        "",
+        pattern=r"^([0-9]{1,6}:[0-9]{1,18}-[0-9]{1,18}(,[0-9]{1,6}:[0-9]{1,18}-[0-9]{1,18})*)?$",
+        description="Fault injection, for tests only: 'P:A-B,...' makes the worker ignore "
+        "offsets A..B of events partition P the first time they are delivered, as if the "
+        "consumer had skipped them. Empty (no fault) by default.",
+    )
     worker_max_poll_interval_s: float = Field(120.0, ge=10, le=3600)
 
     # User history features.

@@ -61,7 +61,7 @@ from faust.types import EventT, StreamT
 from features.codebook import ResidualCodebook
 from features.item_features import ItemCodeTable
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.errors import FeatureStoreError, InvalidEvent
+from hymirec.errors import ConfigError, FeatureStoreError, InvalidEvent
 from hymirec.settings import Settings
 from streaming.history import UserHistory
 from streaming.schema import Event, TrainingSample, parse_event
@@ -109,12 +109,14 @@ def create_app(
     store: FeatureStoreClient,
 ) -> tuple[faust.App, PipelineCounters]:
     """Build the Faust app with its topics, table and agent, wired to the given store."""
+    # Faust makes this folder even for memory tables; its default is "<id>-data" in the cwd.
+    datadir = settings.data_dir.resolve() / "faust" / settings.faust_app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.faust_app_id,
         broker=_faust_brokers(settings.kafka_bootstrap),
         store="memory://",  # state lives in the changelog topic; recovered on start
-        # Faust makes this folder even for memory tables; its default is "<id>-data" in the cwd.
-        datadir=str(settings.data_dir.resolve() / "faust" / settings.faust_app_id),
+        datadir=str(datadir),
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=1,
         web_host="127.0.0.1",
@@ -165,6 +167,12 @@ def create_app(
     codebook_version = codebook.version
     pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
     rewound_to: dict[int, int] = {}  # partition -> the offset last sought back to
+    drops = fault_drops(settings.worker_fault_drop)  # partition -> offsets to ignore once
+    if drops:
+        log.warning(
+            "fault injection (worker_fault_drop %s): the first delivery of those offsets is "
+            "ignored", settings.worker_fault_drop,
+        )  # fmt: skip
     applied_now: dict[int, int] = {}  # partition -> newest applied offset (for the log)
 
     async def dead_letter(event: EventT[bytes], error: InvalidEvent) -> None:
@@ -234,6 +242,9 @@ def create_app(
         for record in batch:
             message = record.message
             partition, offset = message.partition, message.offset
+            if offset in drops.get(partition, ()):
+                drops[partition].discard(offset)  # the fault: as if never delivered
+                continue
             applied_to = positions.get(partition)
             if applied_to is None:
                 applied_to = _applied_offset(partition, offset)
@@ -399,6 +410,18 @@ def create_app(
         )  # fmt: skip
 
     return app, counters
+
+
+def fault_drops(spec: str) -> dict[int, set[int]]:
+    """``settings.worker_fault_drop`` ('P:A-B,...') as partition -> offsets."""
+    drops: dict[int, set[int]] = {}
+    for part in filter(None, spec.split(",")):
+        partition, span = part.split(":")
+        first, last = (int(x) for x in span.split("-"))
+        if last < first or last - first >= 100_000:
+            raise ConfigError(f"worker_fault_drop: {part!r} must be P:A-B with A <= B < A + 100000")
+        drops.setdefault(int(partition), set()).update(range(first, last + 1))
+    return drops
 
 
 async def _commit(app: faust.App, offsets: dict[Any, int]) -> None:

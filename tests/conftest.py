@@ -56,6 +56,16 @@ def committed_offsets(settings: Settings, group_id: str) -> dict[TopicPartition,
         consumer.close()
 
 
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """Each partition of ``topic`` -> its end offset."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()}
+    finally:
+        consumer.close()
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     instance = LocalBroker(tmp_path_factory.mktemp("broker"), port=free_port())

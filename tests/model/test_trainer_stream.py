@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 
 from hymirec.movielens import load_ratings
 from hymirec.processes import ServiceProcess
@@ -19,7 +19,7 @@ from model.checkpoint_registry import CheckpointRegistry
 from model.trainer import load_version_model
 from streaming.kafka_io import ensure_topics
 from streaming.schema import TrainingSample
-from tests.conftest import wait_until
+from tests.conftest import end_offsets, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -63,14 +63,6 @@ def _produce(
         producer.send(settings.training_topic, key=b"bad", value=value)
     producer.flush()
     producer.close()
-
-
-def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    ends = consumer.end_offsets(partitions)
-    consumer.close()
-    return {tp.partition: offset for tp, offset in ends.items()}
 
 
 def test_killed_trainer_learns_every_sample_exactly_once(
@@ -125,7 +117,7 @@ def test_killed_trainer_learns_every_sample_exactly_once(
             trainer.stop()
     assert kills == 3
     expected_digest = sum(s.event_id.int for s in samples) % 2**64
-    ends = _end_offsets(settings, settings.training_topic)
+    ends = end_offsets(settings, settings.training_topic)
     for name in MODELS:
         latest = store.latest(name)
         assert latest is not None

@@ -23,7 +23,7 @@ from hymirec.settings import Settings
 from streaming.app import EXIT_BATCH_FAILED
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events, replay_events
-from tests.conftest import committed_offsets, wait_until
+from tests.conftest import committed_offsets, end_offsets, wait_until
 from tests.streaming.test_pipeline import read_topic
 
 pytestmark = pytest.mark.integration
@@ -187,3 +187,38 @@ def test_a_worker_resumes_from_its_table_not_from_committed_offsets(
     assert f"resuming {settings.events_topic} at the table's positions" in log, log
     assert committed_offsets(settings, settings.faust_app_id) == ends  # the worker's commits
     assert sum(ends.values()) == len(ratings)
+
+
+def test_records_the_consumer_skips_are_sought_back_and_applied_once(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """faust-streaming once delivered offset N + 1 where N was next (a 100k-event kill run). The
+    worker must seek back and apply the skipped records once; its first seek, made from the
+    wrong thread, crashed aiokafka. The skip is injected (``worker_fault_drop``): the worker
+    ignores the first delivery of those offsets, as if the consumer had never delivered them."""
+    settings = make_settings(recent_len=20, long_len=300)
+    ensure_topics(settings)
+    build_item_features(settings)
+    ratings = load_ratings().head(3_000)
+    with EventProducer(settings) as producer:
+        replay_events(producer, movielens_events(ratings))
+    ends = sorted((end, p) for p, end in end_offsets(settings, settings.events_topic).items())
+    # A run of 50 records in the middle of the fullest partition, one record in the next.
+    dropped = {ends[-1][1]: (ends[-1][0] // 2, ends[-1][0] // 2 + 49)}
+    dropped[ends[-2][1]] = (ends[-2][0] // 3, ends[-2][0] // 3)
+    assert ends[-2][0] > 0
+    spec = ",".join(f"{p}:{a}-{b}" for p, (a, b) in dropped.items())
+    settings = settings.model_copy(update={"worker_fault_drop": spec})
+    store = FeatureStoreClient(settings)
+    worker = ServiceProcess("worker-skips", ["worker"], settings).start()
+    try:
+        assert_exact_histories(store, replay_histories(ratings), settings.recent_len)
+        samples = read_topic(settings, settings.training_topic, expected=len(ratings))
+    finally:
+        assert worker.stop() == 0, worker.tail()
+    event_ids = [json.loads(record.value)["event_id"] for record in samples]
+    assert len(event_ids) == len(set(event_ids)) == len(ratings)  # one sample per event
+    log = worker.tail(2_000)
+    for partition, (first, _) in dropped.items():
+        assert f"{settings.events_topic}[{partition}]: offset " in log, log
+        assert f"was next; seeking back to {first}" in log, log
