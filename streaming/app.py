@@ -242,7 +242,7 @@ def create_app(
         for record in batch:
             message = record.message
             partition, offset = message.partition, message.offset
-            if offset in drops.get(partition, ()):
+            if drops and offset in drops.get(partition, ()):  # fault injection (tests)
                 drops[partition].discard(offset)  # the fault: as if never delivered
                 continue
             applied_to = positions.get(partition)
