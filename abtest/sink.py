@@ -50,6 +50,7 @@ from kafka.structs import OffsetAndMetadata
 from abtest.clickhouse import analytics_client, insert_events, load_item_dimension
 from hymirec.errors import AnalyticsError, BrokerError, InvalidEvent
 from hymirec.settings import Settings
+from streaming.kafka_group import fix_group_join
 from streaming.schema import Event, parse_event
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class EventSink:
         self._inserted: dict[TopicPartition, OffsetAndMetadata] = {}
         self._inserted_records: Counter[TopicPartition] = Counter()
         self.failure: BaseException | None = None  # raised in a rebalance callback
+        fix_group_join()  # a join that completes between two polls must not be thrown away
         try:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=settings.kafka_bootstrap,

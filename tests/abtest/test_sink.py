@@ -7,7 +7,10 @@ number of distinct events, however often each was delivered.
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -282,31 +285,63 @@ def test_a_sigkilled_sink_takes_its_partitions_back_and_counts_stay_exact(
         assert_exact_counts(client, events)
 
 
-def test_a_rebalance_inserts_the_pending_batch_and_loses_nothing(settings: Settings) -> None:
+def test_a_rebalance_inserts_the_pending_batch_and_loses_nothing(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     """A second member joins mid-stream; the first one's rebalance listener runs on kafka-python's
-    I/O thread, where it may not commit: it inserts, and the run loop commits what it still owns."""
+    I/O thread, where it may not commit: it inserts, and the run loop commits what it still owns.
+
+    The listener's insert is made slower than a poll (as a large batch's is) and the next commit
+    slow too, so the first member's join attempt completes while no poll waits for it:
+    kafka-python 3.0.12 threw such an attempt away and joined again, and on the embedded broker
+    the group then never settled (``streaming.kafka_group`` fixes it)."""
+    caplog.set_level(logging.INFO, logger="kafka.coordinator")
     events = experiment_events(users=160, seed=17)
     _, total, _ = produce(settings, events)
     # The first member's batch stays pending (no size or time flush) until the rebalance.
     slow = settings.model_copy(update={"sink_batch_size": 100_000, "sink_batch_window_s": 8.0})
     with analytics_client(settings) as client:
         first = EventSink(slow, client)
+        insert_pending, commit_inserted = first.insert_pending, first._commit_inserted
+        inserted_on_revoke = threading.Event()
+
+        def slow_insert() -> bool:
+            time.sleep(0.4)  # longer than the sink's 200 ms poll: the join attempt starts late
+            inserted_on_revoke.set()
+            return insert_pending()
+
+        def slow_commit() -> None:
+            if inserted_on_revoke.is_set():  # once: the attempt completes before the next poll
+                inserted_on_revoke.clear()
+                time.sleep(0.4)
+            commit_inserted()
+
+        first.insert_pending = slow_insert  # type: ignore[method-assign]
+        first._commit_inserted = slow_commit  # type: ignore[method-assign]
         second = EventSink(settings.model_copy(update={"sink_instance_id": "sink-1"}), client)
         thread_1, stop_1, errors_1 = run_in_thread(first)
         threads = [(thread_1, stop_1)]
         try:
             wait_until(lambda: errors_1 or first.stats.records > 0, 60, "the first sink to poll")
-            threads.append(run_in_thread(second)[:2])  # joins: the group rebalances
+            thread_2, stop_2, errors_2 = run_in_thread(second)  # joins: the group rebalances
+            threads.append((thread_2, stop_2))
             wait_until(
-                lambda: errors_1 or committed_offsets(settings) == total, 120, "every commit"
+                lambda: errors_1 or errors_2 or committed_offsets(settings) == total,
+                120,
+                "every commit",
             )
         finally:
             for thread, stop in threads:
                 stop.set()
                 thread.join(timeout=30)
         assert not errors_1, errors_1
+        assert not errors_2, errors_2
         assert first.failure is None
         assert first.stats.rebalance_inserts >= 1  # the listener inserted the pending batch
+        logged = [r.getMessage() for r in caplog.records]
+        # One member joining is one rebalance: nobody joined again after generation 2.
+        generations = [int(g) for m in logged for g in re.findall(r"<Generation (\d+) ", m)]
+        assert max(generations) == 2, generations
         assert second.stats.records > 0  # the second member got partitions
         assert first.stats.committed + second.stats.committed >= total
         assert_exact_counts(client, events)
