@@ -31,10 +31,13 @@ commit returns as soon as no message was sent for 0.1 s, with messages still buf
 - a record older than the position is a redelivery and is skipped; a record beyond the next
   expected offset means records were skipped: it is ignored and the consumer is sought back to the
   missing offset (logged once, counted in ``rewinds``); seen in a 100k-event kill run, one record
-  skipped by Faust just after a restart. With no position yet for a partition (a new app), the
-  first offset delivered is taken as the start. This check assumes the events topic's offsets are
-  contiguous, as they are with the project's producers: a transactional producer's markers or a
-  compacted topic would leave holes that no seek fills (the worker would seek back for ever).
+  skipped by Faust just after a restart. A partition with no position yet (a new app, or a lost
+  changelog) is committed at its earliest offset at assignment and read from there, whatever the
+  group held: the table has none of its effects, and a skip of its very first record shows.
+  This check assumes the events topic's offsets are contiguous, as they are with the project's
+  producers: a transactional producer's markers or a compacted topic would leave holes that no
+  seek fills (the worker would seek back for ever); so would records that retention deletes
+  before the worker has read them.
 
 A batch must never end half-done: a failed Feast push is retried (``worker_push_attempts``,
 doubling back-off); a batch that still fails stops the process at once (``os._exit``, like a
@@ -167,6 +170,7 @@ def create_app(
     codebook_version = codebook.version
     pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
     rewound_to: dict[int, int] = {}  # partition -> the offset last sought back to
+    start_offsets: dict[int, int] = {}  # partition -> first offset, while it has no position
     drops = fault_drops(settings.worker_fault_drop)  # partition -> offsets to ignore once
     if drops:
         log.warning(
@@ -321,9 +325,12 @@ def create_app(
 
     def _applied_offset(partition: int, first_offset: int) -> int:
         """The newest offset of ``partition`` whose effects are in the table; with no record yet
-        (a new app), the offset before the first one delivered."""
+        (a new app), the offset before the partition's earliest one (``resume_from_table``), or
+        before the first one delivered if that was not known."""
         record = histories.get(_partition_key(partition))
-        return int(record["applied"]) if record is not None else first_offset - 1
+        if record is not None:
+            return int(record["applied"])
+        return start_offsets.get(partition, first_offset) - 1
 
     async def _rewind(tp: Any, wanted: int, got: int) -> None:
         """Faust delivered ``got`` where ``wanted`` was next: seek back for the skipped records.
@@ -363,16 +370,34 @@ def create_app(
         """Once the table is recovered, and before Faust seeks its partitions to the committed
         offsets: commit the table's positions, so that it seeks to the first unapplied record."""
         rewound_to.clear()
+        start_offsets.clear()
         offsets: dict[Any, int] = {}
+        unknown: list[Any] = []  # partitions with no position in the table: a new app
         for tp in sender.consumer.assignment():
+            if tp.topic != settings.events_topic:
+                continue
             record = histories.get(_partition_key(tp.partition))
-            if tp.topic == settings.events_topic and record is not None:
+            if record is not None:
                 offsets[tp] = int(record["applied"]) + 1
+            else:
+                unknown.append(tp)
+        if unknown:
+            # The table has none of these partitions' effects, so they are read from their first
+            # record; knowing that offset also reveals a skip of the very first record.
+            try:
+                earliest = await sender.consumer.earliest_offsets(*unknown)
+            except Exception as exc:  # then the first offset delivered is taken as the start
+                log.warning("could not read the earliest offsets of %s: %r", unknown, exc)
+            else:
+                for tp, offset in earliest.items():
+                    start_offsets[tp.partition] = offsets[tp] = int(offset)
         if not offsets:
             return
         log.info(
-            "resuming %s at the table's positions %s",
-            settings.events_topic, {tp.partition: o for tp, o in sorted(offsets.items())},
+            "resuming %s at the table's positions %s (new partitions from their earliest: %s)",
+            settings.events_topic,
+            {tp.partition: o for tp, o in sorted(offsets.items()) if tp not in unknown},
+            sorted(start_offsets.items()),
         )  # fmt: skip
         try:
             await _commit(sender, offsets)
