@@ -10,6 +10,10 @@ over time (``abtest.cumulative``), and writes ``<readouts_dir>/<experiment>.json
 ``_pipeline.json``. The same code runs inside the sink on chdb (which owns the directory) and as
 ``hymirec readout --publish`` against a ClickHouse server.
 
+In a closed-loop simulation the simulator also writes its ground truth per variant and minute
+(``abtest.ground_truth``, into ``settings.ground_truth_dir``); the snapshot carries it when there
+is one. A broken truth file is logged and left out: it never stops the snapshot.
+
 Guardrails: a guardrail metric of the readout (request latency, error rate) is breached when the
 treatment is worse at p < alpha; the p99 request latency is breached when a treatment's exceeds
 the control's by more than ``p99_tolerance`` (20 % by default).
@@ -31,6 +35,7 @@ from clickhouse_connect.driver.client import Client
 
 from abtest.clickhouse import analytics_client, query_df
 from abtest.cumulative import as_float, cumulative_series
+from abtest.ground_truth import GroundTruth, read_ground_truth
 from abtest.metrics import ExperimentMetrics, user_metrics
 from abtest.pipeline_health import pipeline_health
 from abtest.readout import Readout, readout_from_metrics
@@ -63,6 +68,7 @@ __all__ = [
     "ReadoutPublisher",
     "build_snapshot",
     "cumulative_series",
+    "experiment_ground_truth",
     "experiment_names",
     "experiment_plans",
     "publish_pipeline_health",
@@ -297,11 +303,13 @@ def build_snapshot(
     training_policy: str = TRAINING_POLICY,
     notes: str | None = None,
     now_ms: int | None = None,
+    ground_truth: GroundTruth | None = None,
 ) -> ExperimentSnapshot:
     """The snapshot of one experiment from its per-user metrics and request guardrails (pure).
 
     A planned control with no exposed users yet gives a snapshot without effects; its traffic and
     SRM check still show (an arm with no users is itself a sample-ratio mismatch).
+    ``ground_truth`` is the simulator's, when the experiment runs in a simulation.
     """
     plan = plan or ExperimentPlan()
     readout = readout_from_metrics(
@@ -330,7 +338,17 @@ def build_snapshot(
         traffic=traffic,
         training_policy=training_policy,
         notes=notes,
+        ground_truth=ground_truth,
     )
+
+
+def experiment_ground_truth(settings: Settings, experiment: str) -> GroundTruth | None:
+    """The simulator's truth about ``experiment``, or None (none written, or unreadable: logged)."""
+    try:
+        return read_ground_truth(settings.ground_truth_dir, experiment)
+    except DataError as exc:
+        log.warning("ground truth of %r left out of its snapshot: %s", experiment, exc)
+        return None
 
 
 def publish_readouts(
@@ -360,6 +378,7 @@ def publish_readouts(
                 request_guardrails(client, name),
                 plan=plans.get(name),
                 now_ms=now_ms,
+                ground_truth=experiment_ground_truth(settings, name),
                 **snapshot_options,
             )
             path = out_dir / snapshot_filename(name)

@@ -19,11 +19,13 @@ from dashboard.data import (
     cumulative_frame,
     effects_frame,
     fetch_service_status,
+    ground_truth_frame,
     lag_frame,
     load_readouts,
     load_registry,
     model_versions_frame,
     traffic_frame,
+    true_lifts,
 )
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings, load_settings
@@ -124,6 +126,37 @@ def show_bayes(effects: pd.DataFrame) -> None:
     )
 
 
+def show_ground_truth(snap: ExperimentSnapshot) -> None:
+    """The simulation's exact expected CTR per arm and minute; only a simulation has one."""
+    truth = snap.ground_truth
+    if truth is None:
+        return
+    st.subheader("Ground truth (simulation)")
+    frame = ground_truth_frame(truth)
+    if frame.empty:
+        st.info("The simulation has not served a list in this experiment yet.")
+        return
+    st.altair_chart(charts.ground_truth_chart(frame), width="stretch")
+    lines = []
+    for lift in true_lifts(snap):
+        line = f"`{lift.treatment}` vs `{snap.control}`: true CTR lift {_pct(lift.true_lift)}"
+        if lift.measured is not None:
+            line += (
+                f"; the readout measured {_pct(lift.measured)} "
+                f"[{_pct(lift.ci_low, '+.1%')}, {_pct(lift.ci_high, '+.1%')}]"
+            )
+        if lift.covered is not None:
+            line += ", its CI covers the truth" if lift.covered else ", its CI misses the truth"
+        lines.append(line)
+    if lines:
+        st.markdown("  \n".join(lines))
+    st.caption(
+        f"Ground truth, not a measurement: {truth.source}. Solid lines: the exact expected CTR of "
+        "the lists each arm served per minute; dashed: the clicks the simulated users made on the "
+        "same lists. True lift = treatment's expected CTR / control's − 1 over the whole run."
+    )
+
+
 def show_cumulative(snap: ExperimentSnapshot) -> None:
     st.subheader("Cumulative effect over time")
     if not snap.cumulative:
@@ -176,6 +209,7 @@ def show_experiment(snap: ExperimentSnapshot, settings: Settings) -> None:
     else:
         show_effects(snap, effects)
         show_bayes(effects)
+    show_ground_truth(snap)
     show_cumulative(snap)
     show_guardrails(snap)
 

@@ -6,11 +6,13 @@ import altair as alt
 import pandas as pd
 
 from abtest.snapshot import ExperimentSnapshot
+from dashboard.data import EXPECTED, OBSERVED
 
 __all__ = [
     "bayes_chart",
     "cumulative_chart",
     "forest_chart",
+    "ground_truth_chart",
     "lag_chart",
     "latency_chart",
     "traffic_chart",
@@ -162,6 +164,44 @@ def cumulative_chart(points: pd.DataFrame, metric: str) -> alt.LayerChart:
     )
     zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
     chart: alt.LayerChart = (sequence + fixed + zero + line).properties(height=300)
+    return chart
+
+
+GROUND_TRUTH_TITLE = "Expected CTR per minute (simulation's ground truth)"
+
+
+def ground_truth_chart(frame: pd.DataFrame) -> alt.Chart:
+    """Per variant, the exact expected CTR of the lists served each minute (solid) beside the
+    observed CTR of the same lists (dashed); ``frame`` from ``dashboard.data.ground_truth_frame``.
+    """
+    chart: alt.Chart = (
+        alt.Chart(frame, title=GROUND_TRUTH_TITLE)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("time:T", title="minute served"),
+            y=alt.Y("ctr:Q", title="CTR (clicks per shown item)", axis=alt.Axis(format=".1%")),
+            color=alt.Color("variant:N"),
+            strokeDash=alt.StrokeDash(
+                "series:N",
+                title=None,
+                scale=alt.Scale(domain=[EXPECTED, OBSERVED], range=[[1, 0], [4, 4]]),
+            ),
+            opacity=alt.Opacity(
+                "series:N",
+                legend=None,
+                scale=alt.Scale(domain=[EXPECTED, OBSERVED], range=[1.0, 0.5]),
+            ),
+            tooltip=[
+                "variant",
+                "series",
+                "time:T",
+                alt.Tooltip("ctr:Q", format=".4f"),
+                "requests",
+                "impressions",
+            ],
+        )
+        .properties(height=280)
+    )
     return chart
 
 

@@ -23,6 +23,7 @@ from abtest.snapshot import (
     PIPELINE_FILE,
     CumulativeSeries,
     ExperimentSnapshot,
+    GroundTruth,
     PipelineSnapshot,
     read_experiment_snapshot,
     read_pipeline_snapshot,
@@ -35,14 +36,17 @@ __all__ = [
     "ModelMetadata",
     "ReadoutFolder",
     "ServiceProbe",
+    "TrueLift",
     "cumulative_frame",
     "effects_frame",
     "fetch_service_status",
+    "ground_truth_frame",
     "lag_frame",
     "load_readouts",
     "load_registry",
     "model_versions_frame",
     "traffic_frame",
+    "true_lifts",
 ]
 
 
@@ -118,6 +122,70 @@ def traffic_frame(snap: ExperimentSnapshot) -> pd.DataFrame:
     if not frame.empty:
         frame["time"] = pd.to_datetime(frame["ts_ms"], unit="ms", utc=True)
     return frame
+
+
+EXPECTED, OBSERVED = "expected (ground truth)", "observed"
+
+
+def ground_truth_frame(truth: GroundTruth) -> pd.DataFrame:
+    """Per minute and variant, the exact expected CTR and the observed CTR of the same lists.
+
+    Long format: one row per minute × variant × ``series`` (``EXPECTED`` or ``OBSERVED``).
+    """
+    rows = [
+        {
+            "time": pd.to_datetime(p.minute_start_ms, unit="ms", utc=True),
+            "variant": p.variant,
+            "series": series,
+            "ctr": value,
+            "requests": p.requests,
+            "impressions": p.impressions,
+        }
+        for p in truth.points
+        for series, value in ((EXPECTED, p.expected_ctr), (OBSERVED, p.ctr))
+        if value is not None
+    ]
+    columns = ["time", "variant", "series", "ctr", "requests", "impressions"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+@dataclass(frozen=True)
+class TrueLift:
+    """A treatment's true CTR lift over control, beside the readout's CTR lift and its CI."""
+
+    treatment: str
+    true_lift: float | None
+    measured: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+    @property
+    def covered(self) -> bool | None:
+        """Whether the readout's interval covers the truth (None when either is missing)."""
+        if self.true_lift is None or self.ci_low is None or self.ci_high is None:
+            return None
+        return self.ci_low <= self.true_lift <= self.ci_high
+
+
+def true_lifts(snap: ExperimentSnapshot, metric: str = "ctr") -> list[TrueLift]:
+    """Each treatment in the ground truth against the control, with ``metric``'s readout row."""
+    truth, control = snap.ground_truth, snap.control
+    if truth is None or control is None:
+        return []
+    rows = {e.treatment: e for e in snap.effects if e.metric == metric and e.control == control}
+    lifts = []
+    for treatment in sorted(set(truth.totals) - {control}):
+        row = rows.get(treatment)
+        lifts.append(
+            TrueLift(
+                treatment=treatment,
+                true_lift=truth.true_lift(control, treatment),
+                measured=None if row is None else row.effect_rel,
+                ci_low=None if row is None else row.ci_rel_low,
+                ci_high=None if row is None else row.ci_rel_high,
+            )
+        )
+    return lifts
 
 
 def lag_frame(pipeline: PipelineSnapshot) -> pd.DataFrame:

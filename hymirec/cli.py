@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hymirec.errors import HymirecError
+from hymirec.scenarios import SCENARIOS
 from hymirec.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
         settings,
         duration_s=args.duration,
         warm_events=args.warm,
-        extra_arms=args.all_models,
+        scenario="all-models" if args.all_models else args.scenario,
         keep_dashboard=False if args.exit else None,
         timeout_s=args.timeout,
     )
@@ -225,7 +226,9 @@ def _trainer(settings: Settings, args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    report = run_trainer(settings, build_catalog(settings), models, stop, args.max_idle)
+    report = run_trainer(
+        settings, build_catalog(settings), models, stop, args.max_idle, init_from=args.init_from
+    )
     for name, versions in report.versions.items():
         last = versions[-1] if versions else "-"
         print(f"{name}: {len(versions)} version(s) published, last {last}")
@@ -290,11 +293,15 @@ def _parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=120.0, help="s of simulated traffic (longer: more power)"
     )
     demo.add_argument(
-        "--warm", type=int, default=20_000, help="MovieLens-100K ratings replayed first"
+        "--warm", type=int, default=100_000, help="MovieLens-100K ratings replayed first"
     )
     demo.add_argument(
-        "--all-models", action="store_true", help="add HSTU, PerSRec and Fuxi-MME as extra arms"
+        "--scenario",
+        default="hymirec-vs-sasrec",
+        choices=list(SCENARIOS),
+        help="the experiment's arms (aa: SASRec in both; all-models: every model, 20%% each)",
     )
+    demo.add_argument("--all-models", action="store_true", help="the same as --scenario all-models")
     demo.add_argument("--exit", action="store_true", help="do not keep the dashboard up at the end")
     demo.add_argument("--timeout", type=float, default=900.0, help="give up a step after this")
     demo.set_defaults(run=_demo)
@@ -366,6 +373,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument(
         "--max-idle", type=float, default=None, help="stop after this many s without samples"
+    )
+    trainer.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="offline checkpoints (<model>.pt) for models with no version yet; the samples "
+        "already in the topic count as learned by them",
     )
     trainer.set_defaults(run=_trainer)
 

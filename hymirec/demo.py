@@ -1,15 +1,21 @@
 """``hymirec demo``: the whole loop on the embedded defaults, with an A/B test at the end.
 
 1. The embedded broker, item features (text embeddings + codebook) and the Feast repo.
-2. The Faust worker, the ClickHouse sink (which also publishes the dashboard's readout
-   snapshots, since it owns the chdb directory), the online trainer, the recommendation service
-   and the dashboard, each a child process with its log under ``<data_dir>/logs``.
-3. A warm start: the first ``warm_events`` MovieLens-100K ratings go through the pipeline, so that
-   the trainer publishes a first version of every model the experiment serves.
-4. The closed-loop simulator (in this process) sends its users to the service for
-   ``duration_s`` seconds; the service logs exposures, the simulator clicks and plays.
-5. When the sink has caught up, it stops (it owns chdb) and the readout is printed, beside the
-   simulator's ground truth (the exact expected CTR of every served list).
+2. Every model the scenario serves (and ``popular``) trained offline on ML-100K, or taken from
+   the cache (``model.pretrain``; the first run trains, with a progress bar).
+3. The Faust worker and the ClickHouse sink (which also publishes the dashboard's readout
+   snapshots, since it owns the chdb directory), each a child process with its log under
+   ``<data_dir>/logs``. A warm start: the first ``warm_events`` (all 100,000) MovieLens-100K
+   ratings go through the pipeline, until every user's history is online in Feast.
+4. The online trainer starts from the offline versions (``--init-from``): it publishes them as
+   the first versions and learns online from the end of the warm data on. Then the
+   recommendation service and the dashboard.
+5. The closed-loop simulator (in this process) sends the ML-100K users to the service for
+   ``duration_s`` seconds; the service logs exposures, the simulator clicks and plays, and records
+   the exact expected CTR of every served list (the ground truth) per arm and minute.
+6. When the sink has caught up, it stops (it owns chdb) and the readout is printed, beside the
+   ground truth and a verdict: which arm the truth favours, whether the test found it, and
+   whether the CI covers the true lift.
 
 Every child is stopped on the way out, Ctrl-C included.
 """
@@ -25,20 +31,30 @@ from pathlib import Path
 import httpx
 import yaml
 
+from abtest.ground_truth import GroundTruth
+from abtest.readout import Readout
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
 from hymirec.errors import HymirecError
 from hymirec.movielens import load_ratings
 from hymirec.processes import ServiceProcess
+from hymirec.scenarios import SCENARIOS
 from hymirec.settings import Settings
+from model.checkpoint_registry import CheckpointRegistry
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events, replay_events
 
-__all__ = ["DemoResult", "run_demo", "wait_for_histories"]
+__all__ = [
+    "EXPERIMENT",
+    "SCENARIOS",
+    "DemoResult",
+    "run_demo",
+    "truth_verdict",
+    "wait_for_histories",
+]
 
 EXPERIMENT = "hymirec-vs-sasrec"
-EXTRA_ARMS = ("hstu", "persrec", "fuxi_mme")
 
 
 def wait_for_histories(
@@ -64,24 +80,19 @@ def wait_for_histories(
         time.sleep(0.5)
 
 
-def _experiments_file(settings: Settings, extra_arms: bool) -> Path:
-    """The demo's experiment: HyMiRec vs SASRec, 50/50 (plus the other models when asked)."""
-    variants = [
-        {"name": "control", "weight": 50, "model": "sasrec"},
-        {"name": "treatment", "weight": 50, "model": "hymirec"},
-    ]
-    if extra_arms:
-        variants = [{**v, "weight": 20} for v in variants] + [
-            {"name": name.replace("_", "-"), "weight": 20, "model": name} for name in EXTRA_ARMS
-        ]
+def _experiments_file(settings: Settings, scenario: str) -> Path:
+    """The demo's experiment for ``scenario``: its arms, equal weights."""
+    arms = SCENARIOS[scenario]
+    weight = 100 // len(arms)
+    variants = [{"name": name, "weight": weight, "model": model} for name, model in arms.items()]
     config = {
         "default_model": "sasrec",
         "layers": [{"name": "ranking", "salt": "demo-ranking"}],
         "experiments": [
             {
-                "name": EXPERIMENT,
+                "name": scenario,
                 "layer": "ranking",
-                "salt": "demo-hymirec-vs-sasrec",
+                "salt": f"demo-{scenario}",
                 "range": [0.0, 1.0],
                 "variants": variants,
             }
@@ -91,6 +102,105 @@ def _experiments_file(settings: Settings, extra_arms: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _pretrain(settings: Settings, models: list[str], epochs: int | None) -> Path:
+    """Offline-train (or take from the cache) every model the trainer will serve; return the
+    ``--init-from`` folder holding them."""
+    from model.data import build_catalog, load_movielens_sequences
+    from model.pretrain import (
+        PRETRAIN_EPOCHS,
+        ProgressBar,
+        pretrained_checkpoint,
+        pretrained_filename,
+    )
+
+    catalog, data = build_catalog(settings), load_movielens_sequences()
+    folder = settings.data_dir.resolve() / "pretrained-start"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in models:
+        budget = PRETRAIN_EPOCHS.get(name, 5) if epochs is None else epochs
+        path, cached = pretrained_checkpoint(
+            name,
+            catalog,
+            data,
+            settings.embedding_cache_dir,
+            seed=settings.trainer_seed,
+            epochs=budget,
+            on_epoch=ProgressBar(name, budget),
+        )
+        print(f"[pretrain] {name}: {'from the cache' if cached else 'trained'} ({path.name})")
+        shutil.copyfile(path, folder / pretrained_filename(name))
+    return folder
+
+
+def truth_verdict(
+    readout: Readout, truth: GroundTruth | None, scenario: str, alpha: float = 0.05
+) -> list[str]:
+    """Lines comparing the readout's CTR lift with the simulator's true lift, per treatment."""
+    if truth is None:
+        return ["no ground truth was recorded (no simulated request was served in the experiment)"]
+    rows = readout.table[readout.table["metric"] == "ctr"]
+    lines = []
+    for row in rows.itertuples():
+        control, treatment = str(row.control), str(row.treatment)
+        true = truth.true_lift(control, treatment)
+        low, high, lift = row.ci_rel_low, row.ci_rel_high, row.effect_rel
+        measured = (
+            f"measured CTR lift {_pct(lift)} (95% CI {_pct(low)} to {_pct(high)}, "
+            f"p_holm {_num(row.p_holm)})"
+        )
+        if true is None:
+            lines.append(
+                f"{treatment} vs {control}: {measured}; no true lift (an arm had no lists)"
+            )
+            continue
+        same_model = SCENARIOS.get(scenario, {}).get(treatment) == SCENARIOS.get(scenario, {}).get(
+            control
+        )
+        if same_model:
+            favours = "neither (one model in both arms: the true effect is 0)"
+        elif abs(true) < 0.005:
+            favours = "neither (true lift under 0.5%)"
+        else:
+            favours = treatment if true > 0 else control
+        found = row.p_holm is not None and float(row.p_holm) < alpha
+        direction_ok = found and lift is not None and (lift > 0) == (true > 0)
+        if favours.startswith("neither"):
+            test = (
+                "the test found a difference (a false positive)"
+                if found
+                else ("the test found no difference (correct)")
+            )
+        elif direction_ok:
+            test = "the test found it"
+        elif found:
+            test = "the test found the opposite direction"
+        else:
+            test = "the test did not find it (not enough power)"
+        covers = low is not None and high is not None and low <= true <= high
+        lines.append(
+            f"{treatment} vs {control}: {measured}; true lift {_pct(true)} (ratio of the mean "
+            f"expected CTR of the lists each arm served)"
+        )
+        lines.append(
+            f"  verdict: the truth favours {favours}; {test}; the CI "
+            f"{'covers' if covers else 'does not cover'} the true lift"
+        )
+    return lines
+
+
+def _pct(value: object) -> str:
+    if value is None or not isinstance(value, int | float) or value != value:
+        return "-"
+    return f"{100 * float(value):+.1f}%"
+
+
+def _num(value: object) -> str:
+    if value is None or not isinstance(value, int | float) or value != value:
+        return "-"
+    return f"{float(value):.3g}"
 
 
 class DemoResult:
@@ -156,33 +266,90 @@ def _sink_lag(settings: Settings) -> int | None:
     return None
 
 
+def _trainer_lag(settings: Settings) -> int | None:
+    from abtest.pipeline_health import pipeline_health
+
+    for lag in pipeline_health(settings).consumer_lag:
+        if lag.group == settings.trainer_group_id and lag.topic == settings.training_topic:
+            return lag.lag
+    return None
+
+
+def _trainer_freshness(
+    settings: Settings, store: CheckpointRegistry, models: list[str]
+) -> list[str]:
+    """Whether the online trainer kept up: its lag on ``training-samples`` at the end of the
+    traffic, and per model the freshness the latest version's metadata states."""
+    lag = _trainer_lag(settings)
+    lines = [f"[trainer] training-samples lag at the end of the traffic: {lag} samples"]
+    worst_p99_ms = 0.0
+    for name in models:
+        latest = store.latest(name)
+        if latest is None:
+            continue
+        meta = latest.metadata
+        fresh = meta.get("freshness_ms") or {}
+        worst_p99_ms = max(worst_p99_ms, float(fresh.get("p99") or 0.0))
+        age = meta.get("newest_event_age_ms")
+        lines.append(
+            f"[trainer] {name} {latest.version}: {meta.get('samples_seen', 0):,} samples seen; "
+            f"event -> published p50 {_seconds(fresh.get('p50'))} p99 {_seconds(fresh.get('p99'))};"
+            f" newest learned event {_seconds(age)} old when published"
+        )
+    kept_up = lag is not None and lag < 1000 and worst_p99_ms < 30_000
+    lines.append(
+        "[trainer] kept up with the stream (lag < 1,000 samples, p99 < 30 s)"
+        if kept_up
+        else "[trainer] did NOT keep up with the stream (lag >= 1,000 samples or p99 >= 30 s)"
+    )
+    return lines
+
+
+def _seconds(ms: object) -> str:
+    return f"{float(ms) / 1000:.1f} s" if isinstance(ms, int | float) else "-"
+
+
 def run_demo(
     settings: Settings,
     duration_s: float = 120.0,
-    warm_events: int = 20_000,
-    extra_arms: bool = False,
+    warm_events: int = 100_000,
+    scenario: str = EXPERIMENT,
     keep_dashboard: bool | None = None,
     timeout_s: float = 900.0,
+    pretrain_epochs: int | None = None,
 ) -> DemoResult:
-    """Run the loop (see the module docstring); return the readout and simulator statistics."""
+    """Run the loop (see the module docstring); return the readout and simulator statistics.
+
+    ``pretrain_epochs`` overrides every model's offline budget (``model.pretrain``; tests use 1).
+    """
+    from abtest.ground_truth import read_ground_truth
     from abtest.readout import experiment_readout, format_readout
-    from model.checkpoint_registry import CheckpointRegistry
     from simulator.client import load_population, run_simulation
 
-    experiments = _experiments_file(settings, extra_arms)
+    if scenario not in SCENARIOS:
+        raise HymirecError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    experiments = _experiments_file(settings, scenario)
     settings = settings.model_copy(
         update={
             "experiments_file": experiments,
             "trainer_models": "",
             "trainer_publish_every_s": min(settings.trainer_publish_every_s, 10.0),
+            # Six processes share the machine's cores: one torch thread each for the trainer
+            # unless set (two threads beside busy neighbours were slower than one).
+            "trainer_threads": settings.trainer_threads or 1,
         }
     )
     embedded = settings.kafka_bootstrap == f"{settings.broker_host}:{settings.broker_port}"
     broker = LocalBroker(settings.broker_dir, settings.broker_host, settings.broker_port)
-    print(f"== hymirec demo: experiment {EXPERIMENT!r}, {duration_s:.0f} s of simulated traffic ==")
-    for folder in (settings.feast_dir, settings.registry_dir, settings.clickhouse_dir):
+    print(f"== hymirec demo: experiment {scenario!r}, {duration_s:.0f} s of simulated traffic ==")
+    for folder in (
+        settings.feast_dir,
+        settings.registry_dir,
+        settings.clickhouse_dir,
+        settings.readouts_dir,
+        settings.ground_truth_dir,
+    ):
         shutil.rmtree(folder, ignore_errors=True)  # a fresh run: no state from earlier demos
-    shutil.rmtree(settings.readouts_dir, ignore_errors=True)
     if embedded and broker.answers():
         # A broker already serves this address (`hymirec broker start`, or a test's): use it.
         print(f"[broker] using the broker already at {settings.kafka_bootstrap}")
@@ -193,6 +360,7 @@ def run_demo(
         status = broker.start()
         print(f"[broker] embedded noida-db ready at {status.address} (pid {status.pid})")
     children = _Children(settings)
+    started = time.monotonic()
     try:
         ensure_topics(settings)
         built = build_item_features(settings)
@@ -200,16 +368,20 @@ def run_demo(
             f"[features] {len(built.table.item_ids)} items, codebook {built.codebook.levels}x"
             f"{built.codebook.size} ({built.codebook.bytes_per_item} bytes/item)"
         )
+        from abtest.experiments import load_experiments
+
+        models = sorted(load_experiments(experiments).models() | {"popular"})
+        init_from = _pretrain(settings, models, pretrain_epochs)
         children.start("worker", ["worker"])
         sink = children.start("sink", ["sink", "--publish-readouts"])
-        children.start("trainer", ["trainer"])
         ratings = load_ratings().head(warm_events)
         with EventProducer(settings) as producer:
             sent = replay_events(producer, movielens_events(ratings))
         print(f"[warm start] {sent:,} MovieLens-100K ratings sent through the pipeline")
-        from abtest.experiments import load_experiments
-
-        models = sorted(load_experiments(experiments).models() | {"popular"})
+        expected = {int(u): int(n) for u, n in ratings.groupby("user_id").size().items()}
+        wait_for_histories(FeatureStoreClient(settings), expected, timeout_s)
+        print(f"[warm start] {len(expected):,} users' histories online in Feast")
+        children.start("trainer", ["trainer", "--init-from", str(init_from)])
         store = CheckpointRegistry(settings.registry_dir)
         _wait(
             lambda: all(store.latest_version(m) is not None for m in models),
@@ -217,20 +389,23 @@ def run_demo(
             f"a first version of {', '.join(models)}",
             children,
         )
-        print(f"[trainer] first versions published: {', '.join(models)}")
+        print(f"[trainer] pretrained versions published: {', '.join(models)}")
         children.start("serve", ["serve"])
         _wait(lambda: _service_ready(settings), timeout_s, "the service to be ready", children)
         print(f"[serve] ready at http://{settings.serve_host}:{settings.serve_port}/docs")
         children.start("dashboard", ["dashboard"])
         print(f"[dashboard] http://127.0.0.1:{settings.dashboard_port}")
         population = load_population(settings)
+        print(f"[simulator] {population.num_users} users ({settings.sim_population} population)")
         stats = run_simulation(settings, duration_s, population=population)
         print(f"[simulator] {stats.summary()}")
+        for line in _trainer_freshness(settings, store, models):
+            print(line)
         _wait(lambda: _sink_lag(settings) == 0, timeout_s, "the sink to catch up", children)
         children.stop(sink)  # it owns the chdb directory; the readout needs it
         readout = experiment_readout(
             settings,
-            EXPERIMENT,
+            scenario,
             control="control",
             notes=("Every arm's model trains on the pooled stream of all arms (DESIGN.md)."),
         )
@@ -242,6 +417,19 @@ def run_demo(
                 f"expected CTR {arm.expected_ctr:.4f}  clusters consumed per clicking user "
                 f"{arm.mean_clusters_consumed(population):.2f}"
             )
+        truth = read_ground_truth(settings.ground_truth_dir, scenario)
+        if truth is not None:
+            print("\nexpected CTR per minute (the simulation's ground truth):")
+            for point in truth.points:
+                minute = time.strftime("%H:%M", time.gmtime(point.minute_start_ms / 1000))
+                print(
+                    f"  {minute} {point.variant:>10}: {point.expected_ctr or 0:.4f} over "
+                    f"{point.requests} lists"
+                )
+        print("\n== the readout against the truth ==")
+        for line in truth_verdict(readout, truth, scenario):
+            print(line)
+        print(f"\n[demo] {time.monotonic() - started:.0f} s from the broker's start to the verdict")
         if keep_dashboard is None:
             keep_dashboard = sys.stdin.isatty()
         if keep_dashboard:

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     trainer_keep_versions: int = Field(5, ge=2, le=10_000, description="Versions kept per model.")
     trainer_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     trainer_lr: float = Field(1e-3, gt=0, le=1)
+    trainer_threads: int = Field(
+        0, ge=0, le=1024, description="Torch threads of the trainer; 0: one per usable CPU."
+    )
     trainer_seed: int = 0
     trainer_max_item_id: int = Field(
         1_000_000, ge=1, description="Larger item ids are refused (they would grow the tables)."
@@ -152,7 +155,15 @@ class Settings(BaseSettings):
     serve_registry_poll_s: float = Field(2.0, gt=0, le=3600)
 
     # Closed-loop simulator.
-    sim_users: int = Field(500, ge=1, le=10_000_000)
+    sim_population: Literal["movielens", "text-clusters"] = Field(
+        "movielens",
+        description="movielens: the 943 ML-100K users with tastes fitted on their ratings "
+        "(simulator/grounded.py); text-clusters: HYMIREC_SIM_USERS new users over clusters of "
+        "the items' text embeddings.",
+    )
+    sim_users: int = Field(
+        500, ge=1, le=10_000_000, description="Users of the text-clusters population."
+    )
     sim_rate_per_s: float = Field(20.0, gt=0, le=100_000, description="Requests per second.")
     sim_interests: int = Field(3, ge=1, le=32, description="Latent interests per user.")
     sim_drift: float = Field(0.05, ge=0, le=1, description="Interest drift per simulated hour.")
@@ -206,6 +217,11 @@ class Settings(BaseSettings):
     def readouts_dir(self) -> Path:
         """Readout snapshots (one JSON per experiment) that the dashboard reads."""
         return self.data_dir.resolve() / "readouts"
+
+    @property
+    def ground_truth_dir(self) -> Path:
+        """The closed-loop simulator's ground truth (one JSON per experiment) for the readouts."""
+        return self.data_dir.resolve() / "ground-truth"
 
     @property
     def trainer_model_names(self) -> tuple[str, ...]:

@@ -34,16 +34,20 @@ from model.registry import TrainingDefaults
 from streaming.schema import TrainingSample
 
 __all__ = [
+    "PROBE_BUCKET_WIDTH",
     "Example",
     "StreamHistories",
     "examples_for_step",
     "extend_catalog",
     "grow_model",
+    "length_buckets",
     "make_batch",
     "prequential_metrics",
 ]
 
 Applied = Literal["new", "duplicate", "gap"]
+
+PROBE_BUCKET_WIDTH = 64  # history lengths that share one ranking forward (prequential_metrics)
 
 
 @dataclass(frozen=True)
@@ -213,25 +217,88 @@ def prequential_metrics(
     examples: list[Example],
     genres: list[frozenset[str]],
     device: torch.device,
+    bucket_width: int | None = PROBE_BUCKET_WIDTH,
 ) -> RankingAccumulator:
     """Test-then-train: rank each example's first target before the model learns from it.
 
     Items in the example's history are masked, as the offline evaluator masks seen items.
+    ``bucket_width`` picks the path: probes whose history lengths fall in the same
+    ``bucket_width``-item range share one forward, padded only to that bucket's longest (a short
+    history no longer pays for the longest one's padding); ``None`` is the plain reference, one
+    forward over every probe padded to the longest. Every model's output ignores left padding,
+    so both give the same metrics (``tests/model/test_online.py`` checks it).
     """
     accumulator = RankingAccumulator(genres)
     if not examples:
         return accumulator
     was_training = model.training
     model.eval()
-    batch = make_batch(examples, 1).to(device)
-    scores = model.score_all(batch).float()
-    seen = torch.zeros_like(scores, dtype=torch.bool)
-    rows = torch.arange(len(examples), device=device)[:, None].expand_as(batch.history)
-    seen[rows, batch.history] = True
-    seen[:, 0] = False
-    accumulator.add(scores, batch.targets[:, 0], seen)
-    model.train(was_training)
+    try:
+        if bucket_width is None:
+            batch = make_batch(examples, 1).to(device)
+            scores = model.score_all(batch).float()
+            seen = torch.zeros_like(scores, dtype=torch.bool)
+            rows = torch.arange(len(examples), device=device)[:, None].expand_as(batch.history)
+            seen[rows, batch.history] = True
+            seen[:, 0] = False
+        else:
+            scores = _bucketed_scores(model, examples, bucket_width, device)
+            seen = _seen_items(examples, scores.shape[1], device)
+    finally:
+        model.train(was_training)
+    targets = torch.tensor([int(e.targets[0]) for e in examples], device=device)
+    accumulator.add(scores, targets, seen)
     return accumulator
+
+
+def length_buckets(lengths: np.ndarray, width: int) -> list[np.ndarray]:
+    """Row indices grouped by history length, in ranges that double: ``1..width``, then
+    ``width + 1..2 * width``, ``2 * width + 1..4 * width``, ... (an empty history goes first).
+
+    A row is padded to at most twice its length, and a history of up to 1,000 items makes at
+    most five buckets of width 64, so the per-forward overhead stays small beside the padding
+    it saves."""
+    if width < 1:
+        raise ValueError(f"bucket width must be >= 1; got {width}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    edges = [width]
+    while edges[-1] < lengths.max(initial=0):
+        edges.append(2 * edges[-1])
+    keys = np.searchsorted(np.asarray(edges), lengths, side="left")
+    return [np.flatnonzero(keys == key) for key in np.unique(keys)]
+
+
+def _bucketed_scores(
+    model: SequentialRecommender, examples: list[Example], width: int, device: torch.device
+) -> Tensor:
+    """(B, N + 1) float scores, rows in ``examples`` order: one forward per length bucket.
+
+    The buckets' interests are scored against the item embeddings once, as
+    ``SequentialRecommender.score_all`` scores (the item side is computed once, not per bucket);
+    a model that overrides ``score_all`` is scored per bucket instead."""
+    lengths = np.array([len(e.history) for e in examples], dtype=np.int64)
+    buckets = length_buckets(lengths, width)
+    batches = [make_batch([examples[i] for i in rows], 1).to(device) for rows in buckets]
+    if type(model).score_all is SequentialRecommender.score_all:
+        interests = torch.cat([model.user_interests(batch) for batch in batches])  # (B, K, D)
+        by_bucket = torch.einsum("bkd,nd->bkn", interests, model.item_embeddings()).amax(dim=1)
+        by_bucket[:, 0] = float("-inf")
+    else:
+        by_bucket = torch.cat([model.score_all(batch) for batch in batches])
+    scores = torch.empty_like(by_bucket, dtype=torch.float32)
+    scores[torch.from_numpy(np.concatenate(buckets)).to(device)] = by_bucket.float()
+    return scores
+
+
+def _seen_items(examples: list[Example], width: int, device: torch.device) -> Tensor:
+    """(B, width) bool: True at the items of each example's history (never at column 0)."""
+    lengths = [len(e.history) for e in examples]
+    rows = np.repeat(np.arange(len(examples)), lengths)
+    items = np.concatenate([e.history for e in examples]) if sum(lengths) else rows
+    seen = torch.zeros(len(examples), width, dtype=torch.bool)
+    seen[torch.from_numpy(rows), torch.from_numpy(items.astype(np.int64))] = True
+    seen[:, 0] = False
+    return seen.to(device)
 
 
 def extend_catalog(catalog: CatalogInfo, num_items: int) -> CatalogInfo:

@@ -27,6 +27,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,11 +179,14 @@ def train_and_evaluate(
     max_len: int | None = None,
     target_window: int | None = None,
     overrides: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> RunResult:
     """Train model ``name`` on ``data`` (seeded), early-stop on validation NDCG@10, test the best.
 
     ``max_len``/``target_window`` default to the registry's per-model choices; a model Config with
-    a ``max_len`` field gets the harness's ``max_len`` unless ``overrides`` sets it.
+    a ``max_len`` field gets the harness's ``max_len`` unless ``overrides`` sets it. ``on_epoch``
+    is called after every epoch's validation with (epoch, at most epochs, that epoch's metrics
+    and loss), for a progress display.
     """
     if data.num_items != catalog.num_items:
         raise DataError(f"data has {data.num_items} items but the catalogue {catalog.num_items}")
@@ -256,6 +260,8 @@ def train_and_evaluate(
             metrics = validate()
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             history.append({"epoch": float(epoch), "loss": mean_loss, **metrics})
+            if on_epoch is not None:
+                on_epoch(epoch, epochs, history[-1])
             log.info(
                 "%s seed %d epoch %d: loss %.4f valid ndcg@10 %.4f",
                 name,
@@ -319,6 +325,7 @@ class LoadedCheckpoint:
     seed: int
     options: dict[str, Any]
     metrics: dict[str, dict[str, float]]
+    config: dict[str, Any] = field(default_factory=dict)  # the model Config, as saved
 
 
 def load_checkpoint(
@@ -343,6 +350,7 @@ def load_checkpoint(
         seed=int(payload["seed"]),
         options=dict(payload["options"]),
         metrics=dict(payload["metrics"]),
+        config=dict(payload["config"]),
     )
 
 

@@ -5,9 +5,13 @@ the stream position: for each partition of the training topic, the next offset i
 learned from. :meth:`ModelTrainer.learn` takes records in offset order, skips those below that
 position (so a restart that re-reads a partition from an older offset trains on nothing twice),
 ranks each new sample before learning it (test-then-train metrics), and takes AdamW steps on the
-examples ``model.online`` cuts. :meth:`ModelTrainer.publish` writes weights, optimiser state,
-histories and stream position as one registry version; the caller commits the consumer offsets
-only after that, so a crash at any moment resumes from the last version and loses nothing.
+examples ``model.online`` cuts. The ranking is sampled: at most ``prequential_sample`` of a
+micro-batch's probes (seeded draw), each standing for ``probes / ranked`` of them, so the version's
+prequential metrics estimate the mean over every probe (a stratified estimate; exact when no
+micro-batch had more probes than that); the metadata states how many were ranked of how many.
+:meth:`ModelTrainer.publish` writes weights, optimiser state, histories and stream position as
+one registry version; the caller commits the consumer offsets only after that, so a crash at any
+moment resumes from the last version and loses nothing.
 
 ``samples_seen`` counts distinct samples learned; ``sample_digest`` is the sum of their event
 ids modulo 2**64, an order-free fingerprint that tests compare with the produced samples.
@@ -31,6 +35,7 @@ from model import registry
 from model.base import CatalogInfo, SequentialRecommender
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
 from model.online import (
+    PROBE_BUCKET_WIDTH,
     Example,
     StreamHistories,
     examples_for_step,
@@ -45,6 +50,7 @@ from streaming.schema import TrainingSample
 
 __all__ = [
     "ONLINE_CHECKPOINT_FORMAT",
+    "PREQUENTIAL_SAMPLE",
     "ModelTrainer",
     "StreamRecord",
     "TrainerOptions",
@@ -55,7 +61,7 @@ log = logging.getLogger(__name__)
 
 ONLINE_CHECKPOINT_FORMAT = "hymirec-online-checkpoint/1"
 _DIGEST_MOD = 2**64
-PREQUENTIAL_PER_STEP = 256  # test-then-train examples ranked per micro-batch, at most
+PREQUENTIAL_SAMPLE = 32  # test-then-train probes ranked per micro-batch, at most
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,11 @@ class TrainerOptions:
     replay_ratio: float = 1.0
     seed: int = 0
     device: str = "cpu"
+    # Probes ranked per micro-batch, at most (None: every probe; the ranking then costs a
+    # forward per sample, more than the training does for single-interest models).
+    prequential_sample: int | None = PREQUENTIAL_SAMPLE
+    # Probe history lengths that share one ranking forward (None: the plain reference path).
+    prequential_bucket: int | None = PROBE_BUCKET_WIDTH
 
 
 @dataclass
@@ -85,9 +96,15 @@ class _Pending:
     losses: list[float] = field(default_factory=list)
     ingest_ts_ms: list[int] = field(default_factory=list)
     newest_event_ts_ms: int | None = None
-    prequential_sums: dict[str, float] = field(default_factory=dict)
-    prequential_count: int = 0
+    prequential_sums: dict[str, float] = field(default_factory=dict)  # weighted by probes/ranked
+    prequential_count: int = 0  # probes ranked
+    prequential_probes: int = 0  # probes the ranked ones stand for
     samples: int = 0
+
+
+# A sample's test-then-train probe, taken before the sample is applied: (user, the user's kept
+# history then, the sample's item). Turned into an Example only if the draw ranks it.
+_Probe = tuple[int, list[int], int]
 
 
 def code_version() -> str:
@@ -148,6 +165,10 @@ class ModelTrainer:
         self.steps = 0
         self.version: str | None = None
         self.pending = _Pending()
+        # Where the weights came from when not from scratch (an offline checkpoint), for the
+        # version metadata; ``unpublished_start`` makes the first version publish at once.
+        self.origin: dict[str, Any] | None = None
+        self.unpublished_start = False
 
     def _optimizer(self) -> torch.optim.Optimizer | None:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -160,6 +181,28 @@ class ModelTrainer:
     def wants(self, partition: int, offset: int) -> bool:
         return offset >= self.offsets.get(partition, 0)
 
+    def absorb(self, records: list[StreamRecord]) -> int:
+        """Take records into the histories and counters without ranking or training on them:
+        samples an offline-pretrained start stands for (``from_offline``). Returns how many were
+        new samples."""
+        new = 0
+        for record in records:
+            if not self.wants(record.partition, record.offset):
+                continue
+            self.offsets[record.partition] = record.offset + 1
+            sample = record.sample
+            if sample.seq < self.histories.next_seq(sample.user_id):
+                self.duplicates += 1
+                continue
+            if self.histories.apply(sample) == "gap":
+                self.gaps += 1
+            new += 1
+            self.samples_seen += 1
+            self.digest = (self.digest + sample.event_id.int) % _DIGEST_MOD
+        if self.origin is not None:
+            self.origin["absorbed_samples"] = int(self.origin.get("absorbed_samples", 0)) + new
+        return new
+
     def learn(self, records: list[StreamRecord]) -> int:
         """Learn from the records this model has not seen; return how many were new samples."""
         fresh = [r for r in records if self.wants(r.partition, r.offset)]
@@ -168,7 +211,7 @@ class ModelTrainer:
         largest = max(max(r.sample.item_id, *r.sample.recent_item_ids, 0) for r in fresh)
         if largest > self.catalog.num_items:
             self._grow(largest)
-        probe: list[Example] = []
+        probe: list[_Probe] = []
         counts: dict[int, int] = {}
         new = 0
         for record in fresh:
@@ -180,10 +223,7 @@ class ModelTrainer:
                 continue
             history = self.histories.items(user)
             if history and sample.seq == self.histories.next_seq(user):
-                kept = np.asarray(history[-self.defaults.max_len :], dtype=np.int64)
-                zeros = np.zeros_like(kept)
-                target = np.array([sample.item_id], dtype=np.int64)
-                probe.append(Example(user, kept, zeros, target, np.zeros(1, dtype=np.int64)))
+                probe.append((user, history[-self.defaults.max_len :], sample.item_id))
             if self.histories.apply(sample) == "gap":
                 self.gaps += 1
             counts[user] = counts.get(user, 0) + 1
@@ -204,26 +244,35 @@ class ModelTrainer:
         self._train(positions)
         return new
 
-    def _measure(self, probe: list[Example]) -> None:
+    def _measure(self, probe: list[_Probe]) -> None:
+        """Rank a seeded draw of at most ``prequential_sample`` probes (all when fewer)."""
         if not probe:
             return
-        rng = np.random.default_rng([self.options.seed, self.steps, 1])
-        if len(probe) > PREQUENTIAL_PER_STEP:
-            chosen = rng.choice(len(probe), size=PREQUENTIAL_PER_STEP, replace=False)
-            probe = [probe[i] for i in sorted(chosen)]
-        scored = prequential_metrics(self.model, probe, self.catalog.genres, self.device)
+        chosen: list[int] | range = range(len(probe))
+        limit = self.options.prequential_sample
+        if limit is not None and len(probe) > limit:
+            rng = np.random.default_rng([self.options.seed, self.steps, 1])
+            chosen = sorted(rng.choice(len(probe), size=limit, replace=False).tolist())
+        examples = []
+        for i in chosen:
+            user, kept, item = probe[i]
+            history = np.asarray(kept, dtype=np.int64)
+            zero = np.zeros(1, dtype=np.int64)
+            target = np.array([item], dtype=np.int64)
+            examples.append(Example(user, history, np.zeros_like(history), target, zero))
+        scored = prequential_metrics(
+            self.model, examples, self.catalog.genres, self.device, self.options.prequential_bucket
+        )
+        weight = len(probe) / scored.users  # each ranked probe stands for this many
+        sums = self.pending.prequential_sums
         for key, value in scored.result().items():
             if not key.startswith("coverage"):
-                sums = self.pending.prequential_sums
-                sums[key] = sums.get(key, 0.0) + value * scored.users
+                sums[key] = sums.get(key, 0.0) + value * scored.users * weight
         self.pending.prequential_count += scored.users
+        self.pending.prequential_probes += len(probe)
 
     def _train(self, positions: dict[int, tuple[int, int]]) -> None:
-        rng = np.random.default_rng([self.options.seed, self.steps])
-        examples = examples_for_step(
-            self.histories, positions, self.defaults, self.options.replay_ratio, rng
-        )
-        if isinstance(self.model, PopularityRecommender):
+        if isinstance(self.model, PopularityRecommender):  # counts, no examples to cut
             counts = self.model.counts.clone()
             for user, (first, end) in positions.items():
                 for item in self.histories.items(user)[first:end]:
@@ -231,6 +280,10 @@ class ModelTrainer:
             self.model.fit(counts)
             self.steps += 1
             return
+        rng = np.random.default_rng([self.options.seed, self.steps])
+        examples = examples_for_step(
+            self.histories, positions, self.defaults, self.options.replay_ratio, rng
+        )
         if not examples or self.optimizer is None:
             return
         order = rng.permutation(len(examples))
@@ -262,18 +315,21 @@ class ModelTrainer:
 
     @property
     def has_pending(self) -> bool:
-        return self.pending.samples > 0
+        return self.pending.samples > 0 or self.unpublished_start
 
     def metrics(self) -> dict[str, float]:
-        """Mean loss and test-then-train ranking metrics since the last version."""
+        """Mean loss and test-then-train ranking metrics since the last version: each metric is
+        the estimated mean over every probe; ``prequential_examples`` probes were ranked of
+        ``prequential_sampled_from`` (equal when the metrics are exact)."""
         out: dict[str, float] = {}
         if self.pending.losses:
             out["loss"] = float(np.mean(self.pending.losses))
-        count = self.pending.prequential_count
+        count, probes = self.pending.prequential_count, self.pending.prequential_probes
         if count:
             for key, total in sorted(self.pending.prequential_sums.items()):
-                out[f"prequential_{key}"] = total / count
+                out[f"prequential_{key}"] = total / probes
             out["prequential_examples"] = float(count)
+            out["prequential_sampled_from"] = float(probes)
         return out
 
     def _write(self, folder: Path, topic: str) -> dict[str, Any]:
@@ -322,11 +378,20 @@ class ModelTrainer:
                 else None
             ),
             "metrics": self.metrics(),
+            "prequential": {
+                # How big a sample the prequential metrics are: a reader sees an estimate.
+                "ranked": self.pending.prequential_count,
+                "probes": self.pending.prequential_probes,
+                "samples_learned": self.pending.samples,
+                "max_ranked_per_micro_batch": self.options.prequential_sample,
+                "exact": self.pending.prequential_count == self.pending.prequential_probes,
+            },
             "config": self.config,
             "training": dataclasses.asdict(self.defaults),
             "options": dataclasses.asdict(self.options),
             "device": str(self.device),
             "code_version": _CODE_VERSION,
+            "origin": self.origin,
         }
 
     def publish(self, store: CheckpointRegistry, topic: str, keep: int) -> PublishedVersion:
@@ -334,7 +399,32 @@ class ModelTrainer:
         published = store.publish(self.name, lambda folder: self._write(folder, topic), keep)
         self.version = published.version
         self.pending = _Pending()
+        self.unpublished_start = False
         return published
+
+    @classmethod
+    def from_offline(
+        cls, path: Path, catalog: CatalogInfo, options: TrainerOptions
+    ) -> ModelTrainer:
+        """A trainer starting from an offline checkpoint (``model.train.save_checkpoint``): its
+        weights and config, a fresh optimiser, no stream position. Publish it before learning
+        (``unpublished_start``), so serving gets the pretrained version at once."""
+        from model.train import load_checkpoint
+
+        loaded = load_checkpoint(path, catalog)
+        trainer = cls(loaded.name, catalog, options, dict(loaded.config))
+        trainer.model.load_state_dict(loaded.model.state_dict())
+        trainer.model.train()
+        trainer.optimizer = trainer._optimizer()
+        trainer.origin = {
+            "kind": "offline_checkpoint",
+            "path": str(path),
+            "seed": loaded.seed,
+            "offline_metrics": loaded.metrics,
+            "absorbed_samples": 0,
+        }
+        trainer.unpublished_start = True
+        return trainer
 
     @classmethod
     def resume(
@@ -359,6 +449,7 @@ class ModelTrainer:
         trainer.gaps = int(meta["gaps"])
         trainer.digest = int(meta["sample_digest"], 16)
         trainer.version = published.version
+        trainer.origin = meta.get("origin")
         return trainer
 
 

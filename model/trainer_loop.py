@@ -19,10 +19,12 @@ A record that is not a valid training sample, or names an item id above
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -34,6 +36,7 @@ from hymirec.errors import BrokerError, ConfigError, TrainerError
 from hymirec.settings import Settings
 from model.base import CatalogInfo
 from model.checkpoint_registry import CheckpointRegistry
+from model.pretrain import pretrained_filename
 from model.registry import MODEL_NAMES
 from model.trainer import ModelTrainer, StreamRecord, TrainerOptions
 from streaming.kafka_io import ensure_topics
@@ -145,12 +148,25 @@ def _parse(
 
 
 def _start_trainers(
-    names: Sequence[str], store: CheckpointRegistry, catalog: CatalogInfo, options: TrainerOptions
+    names: Sequence[str],
+    store: CheckpointRegistry,
+    catalog: CatalogInfo,
+    options: TrainerOptions,
+    init_from: Path | None = None,
 ) -> dict[str, ModelTrainer]:
     trainers = {}
     for name in names:
         published = store.latest(name)
-        if published is None:
+        if published is None and init_from is not None:
+            path = init_from / pretrained_filename(name)
+            if not path.is_file():
+                raise ConfigError(
+                    f"--init-from {init_from}: no {path.name} for model {name!r}; train it "
+                    "offline first (`hymirec train --model NAME`) and put it there"
+                )
+            trainers[name] = ModelTrainer.from_offline(path, catalog, options)
+            log.info("%s: no version yet, starting from the offline checkpoint %s", name, path)
+        elif published is None:
             trainers[name] = ModelTrainer(name, catalog, options)
             log.info("%s: no version yet, starting from scratch", name)
         else:
@@ -164,14 +180,35 @@ def _start_trainers(
     return trainers
 
 
+def torch_threads(settings: Settings) -> int:
+    """Torch's intra-op threads: ``trainer_threads``, else one per CPU this process may use."""
+    if settings.trainer_threads > 0:
+        return settings.trainer_threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def run_trainer(
     settings: Settings,
     catalog: CatalogInfo,
     models: Sequence[str] | None = None,
     stop: threading.Event | None = None,
     max_idle_s: float | None = None,
+    init_from: Path | None = None,
 ) -> TrainerReport:
-    """Consume the training topic until ``stop`` is set (or ``max_idle_s`` without records)."""
+    """Consume the training topic until ``stop`` is set (or ``max_idle_s`` without records).
+
+    ``init_from``: a folder of offline checkpoints (``<model>.pt``). A model with no version in
+    the registry starts from its file there, and the samples already in the topic when the
+    trainer starts are taken as learned by that offline run: they fill the trainer's histories
+    and counters but are neither ranked nor trained on. Its first version is published as soon
+    as it has caught up to where the topic ended at start-up.
+    """
+    import torch
+
+    torch.set_num_threads(torch_threads(settings))
     names = list(models) if models else resolve_models(settings)
     stop = stop or threading.Event()
     store = CheckpointRegistry(settings.registry_dir)
@@ -183,7 +220,7 @@ def run_trainer(
     )
     report = TrainerReport(versions={n: [] for n in names})
     with store.lock():
-        trainers = _start_trainers(names, store, catalog, options)
+        trainers = _start_trainers(names, store, catalog, options, init_from)
         ensure_topics(settings)
         try:
             consumer = KafkaConsumer(
@@ -206,8 +243,14 @@ def run_trainer(
 
 
 def _assign(
-    settings: Settings, consumer: KafkaConsumer, trainers: dict[str, ModelTrainer]
+    settings: Settings,
+    consumer: KafkaConsumer,
+    trainers: dict[str, ModelTrainer],
+    absorb_until: dict[str, dict[int, int]],
 ) -> list[TopicPartition]:
+    """Assign every partition and seek to the lowest offset a model needs; fill
+    ``absorb_until`` with the topic's end offsets for the models starting from an offline
+    checkpoint."""
     topic = settings.training_topic
     deadline = time.monotonic() + 30
     partitions = consumer.partitions_for_topic(topic)
@@ -221,6 +264,11 @@ def _assign(
     for tp in assigned:
         start = min(t.offsets.get(tp.partition, 0) for t in trainers.values())
         consumer.seek(tp, start)
+    if any(t.unpublished_start for t in trainers.values()):
+        ends = consumer.end_offsets(assigned)
+        for name, trainer in trainers.items():
+            if trainer.unpublished_start:
+                absorb_until[name] = {tp.partition: int(ends[tp]) for tp in assigned}
     log.info(
         "trainer ready: %s on %s, models %s",
         topic,
@@ -238,11 +286,12 @@ def _publish(
     dead: _DeadLetters,
     report: TrainerReport,
     assigned: list[TopicPartition],
+    absorbing: Collection[str] = (),
 ) -> None:
     dead.flush()  # a dead letter is stored before the offset that skips it is
     for name, trainer in trainers.items():
-        if not trainer.has_pending:
-            continue
+        if not trainer.has_pending or name in absorbing:
+            continue  # an offline start publishes once it has caught up, not on the way
         metrics = trainer.metrics()
         published = trainer.publish(store, settings.training_topic, settings.trainer_keep_versions)
         report.versions[name].append(published.version)
@@ -272,6 +321,17 @@ def _publish(
         log.warning("could not commit the trainer's group offsets (lag display only): %s", exc)
 
 
+def _learn(
+    trainer: ModelTrainer, records: list[StreamRecord], absorb_until: dict[int, int] | None
+) -> int:
+    """Learn ``records``; those below ``absorb_until`` (per partition) are only absorbed."""
+    if absorb_until is None:
+        return trainer.learn(records)
+    before = [r for r in records if r.offset < absorb_until.get(r.partition, 0)]
+    after = [r for r in records if r.offset >= absorb_until.get(r.partition, 0)]
+    return trainer.absorb(before) + (trainer.learn(after) if after else 0)
+
+
 def _consume(
     settings: Settings,
     consumer: KafkaConsumer,
@@ -282,7 +342,8 @@ def _consume(
     stop: threading.Event,
     max_idle_s: float | None,
 ) -> None:
-    assigned = _assign(settings, consumer, trainers)
+    absorb_until: dict[str, dict[int, int]] = {}
+    assigned = _assign(settings, consumer, trainers, absorb_until)
     since_publish, last_publish = 0, time.monotonic()
     last_record = last_log = time.monotonic()
     logged_samples = 0
@@ -296,7 +357,10 @@ def _consume(
             last_record = now
             report.records += len(records)
             parsed = _parse(records, settings, dead)
-            new = [trainer.learn(parsed) for trainer in trainers.values()]
+            new = [
+                _learn(trainer, parsed, absorb_until.get(name))
+                for name, trainer in trainers.items()
+            ]
             report.samples += max(new, default=0)
             since_publish += len(records)
             report.dead_letters = dead.count
@@ -305,11 +369,21 @@ def _consume(
                 for trainer in trainers.values():
                     if trainer.wants(record.partition, record.offset):
                         trainer.offsets[record.partition] = record.offset + 1
-        due = since_publish >= settings.trainer_publish_every_samples or (
-            since_publish and now - last_publish >= settings.trainer_publish_every_s
+        caught_up = [
+            name
+            for name, ends in absorb_until.items()
+            if all(trainers[name].offsets.get(p, 0) >= end for p, end in ends.items())
+        ]
+        for name in caught_up:
+            del absorb_until[name]
+            log.info("%s: caught up with the samples its offline start stands for", name)
+        due = (
+            bool(caught_up)
+            or since_publish >= settings.trainer_publish_every_samples
+            or (since_publish and now - last_publish >= settings.trainer_publish_every_s)
         )
         if due:
-            _publish(settings, consumer, trainers, store, dead, report, assigned)
+            _publish(settings, consumer, trainers, store, dead, report, assigned, absorb_until)
             since_publish, last_publish = 0, time.monotonic()
         if now - last_log >= 5.0:
             rate = (report.samples - logged_samples) / (now - last_log)
@@ -323,4 +397,4 @@ def _consume(
         if max_idle_s is not None and now - last_record >= max_idle_s:
             break
     if since_publish:
-        _publish(settings, consumer, trainers, store, dead, report, assigned)
+        _publish(settings, consumer, trainers, store, dead, report, assigned, absorb_until)

@@ -1,6 +1,10 @@
 """The simulator's adapter loop: simulated users ask the recommendation service for lists over
 HTTP and their clicks and plays go to the events topic.
 
+Every served list's exact expected CTR (the ground truth) is also recorded per experiment, variant
+and minute and written to ``settings.ground_truth_dir`` every ``progress_every_s`` and at the end;
+the readout publisher puts it into the snapshot (``abtest.ground_truth``).
+
 Each Poisson arrival (``settings.sim_rate_per_s``) is one request ``GET /recommend?user_id=U&k=K``
 by a simulated user. The service logs the impressions itself; the simulator only writes what the
 user did (``click`` and ``play`` events, tagged with the response's experiment, variant, request id
@@ -31,6 +35,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from abtest.ground_truth import GroundTruthRecorder
 from hymirec.errors import SimulatorError
 from hymirec.settings import Settings
 from simulator.population import SimulatedPopulation, poisson_arrivals
@@ -52,8 +57,22 @@ _MAX_BACKOFF_S = 1.0
 
 
 def load_population(settings: Settings, num_clusters: int = 30) -> SimulatedPopulation:
-    """The simulated users over the real ML-100K catalogue (MiniLM text embeddings, cached in
-    ``settings.embedding_cache_dir``; the first call computes them, about a minute on CPU)."""
+    """The simulated users of ``settings.sim_population`` over the ML-100K catalogue.
+
+    ``movielens`` (the default): the 943 ML-100K users, their tastes fitted on their ratings
+    (``simulator.grounded``; the fit is cached in ``settings.embedding_cache_dir``).
+    ``text-clusters``: ``sim_users`` new users over clusters of the items' MiniLM text
+    embeddings (cached there too; the first call computes them, about a minute on CPU)."""
+    if settings.sim_population == "movielens":
+        from hymirec.movielens import load_ratings
+        from simulator.grounded import grounded_population
+
+        return grounded_population(
+            load_ratings(),
+            seed=settings.sim_seed,
+            drift_per_hour=settings.sim_drift,
+            cache_dir=settings.embedding_cache_dir,
+        )
     from features.item_embeddings import embed_movielens_items
 
     item_ids, embeddings = embed_movielens_items(
@@ -163,6 +182,7 @@ class _Loop:
         self.population, self.http, self.producer, self.stop = population, http, producer, stop
         self.k, self.connect_timeout_s, self.backoff_s = k, connect_timeout_s, backoff_s
         self.stats = SimulationStats()
+        self.truth = GroundTruthRecorder()
         self.last_contact = time.monotonic()  # the start counts as contact for the deadline
         self.contacted = False
         self.consecutive_shed = 0
@@ -253,6 +273,15 @@ class _Loop:
         arm.expected_ctr_sum += expected_ctr
         self.stats.served += 1
         now_ms = time.time_ns() // 1_000_000
+        if body.experiment is not None:
+            self.truth.record(
+                body.experiment,
+                body.variant or NO_VARIANT,
+                now_ms,
+                len(body.items),
+                expected_ctr * len(body.items),
+                sum(o.clicked for o in outcomes),
+            )
         for outcome in outcomes:
             happened: tuple[tuple[EventType, bool], ...] = (
                 ("click", outcome.clicked),
@@ -362,10 +391,12 @@ def run_simulation(
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + progress_every_s
                 log.info("simulator: t=%.0f s: %s", arrival.t_s, loop.stats.summary())
+                loop.truth.write(settings.ground_truth_dir)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         loop.stats.elapsed_s = time.monotonic() - started
+        loop.truth.write(settings.ground_truth_dir)
         try:
             sink.flush()
         finally:

@@ -98,8 +98,8 @@ class ClickModel:
 class Interests:
     """A user's interests at one time: ``m`` interest vectors and their weights (sum 1)."""
 
-    anchors: IntArray  # (m,) catalogue rows of the anchor items
-    clusters: IntArray  # (m,) the anchors' clusters
+    anchors: IntArray  # (m,) interest keys (the anchor items' catalogue rows, by default)
+    clusters: IntArray  # (m,) the interests' item clusters
     weights: FloatArray  # (m,)
     vectors: FloatArray  # (m, D) unit interest vectors
 
@@ -236,11 +236,13 @@ class SimulatedPopulation:
 
     # -- users and their interests -------------------------------------------------------------
 
+    user_id_base = SIM_USER_ID_BASE  # user index u is user id ``user_id_base + u``
+
     def user_id(self, user: int) -> int:
-        return SIM_USER_ID_BASE + self._check_user(user)
+        return self.user_id_base + self._check_user(user)
 
     def user_index(self, user_id: int) -> int:
-        return self._check_user(user_id - SIM_USER_ID_BASE)
+        return self._check_user(user_id - self.user_id_base)
 
     def _check_user(self, user: int) -> int:
         if not 0 <= user < self.num_users:
@@ -248,7 +250,7 @@ class SimulatedPopulation:
         return int(user)
 
     def _draw(self, user: int, segment: int) -> tuple[IntArray, FloatArray]:
-        """Draw ``segment`` of ``user``: (anchor rows, weights)."""
+        """Draw ``segment`` of ``user``: (interest keys, weights); here a key is an anchor row."""
         key = (user, segment)
         if key not in self._draws:
             if len(self._draws) >= _CACHE_LIMIT:
@@ -260,14 +262,22 @@ class SimulatedPopulation:
             self._draws[key] = (anchors, weights)
         return self._draws[key]
 
+    def _interest_vector(self, key: int) -> FloatArray:
+        """The unit interest vector of an interest key (here: an anchor item's row)."""
+        centroid = self.clusters.centroids[self.clusters.labels[key]]
+        vector = centroid + self.anchor_weight * self.embeddings[key]
+        return np.asarray(vector / np.linalg.norm(vector))
+
+    def _key_clusters(self, keys: IntArray) -> IntArray:
+        """The item cluster of each interest key."""
+        return np.asarray(self.clusters.labels[keys], dtype=np.int64)
+
     def _anchor(self, anchor: int) -> tuple[FloatArray, float, float]:
-        """Interest vector of ``anchor`` and its catalogue cosine quantile and spread."""
+        """Interest vector of the key ``anchor`` and its catalogue cosine quantile and spread."""
         if anchor not in self._anchor_stats:
             if len(self._anchor_stats) >= _CACHE_LIMIT:
                 self._anchor_stats.clear()
-            centroid = self.clusters.centroids[self.clusters.labels[anchor]]
-            vector = centroid + self.anchor_weight * self.embeddings[anchor]
-            vector /= np.linalg.norm(vector)
+            vector = self._interest_vector(anchor)
             cosines = self.embeddings @ vector
             quantile = float(np.quantile(cosines, 1.0 - self.relevant_share))
             spread = max(float(cosines.std()), 1e-9)
@@ -291,7 +301,7 @@ class SimulatedPopulation:
             keep = weights > 0
             anchors, weights = anchors[keep], weights[keep]
         vectors = np.stack([self._anchor(int(a))[0] for a in anchors])
-        return Interests(anchors, self.clusters.labels[anchors], weights / weights.sum(), vectors)
+        return Interests(anchors, self._key_clusters(anchors), weights / weights.sum(), vectors)
 
     def cluster_weights(self, user: int, t_s: float) -> FloatArray:
         """(num_clusters,) the user's mixture weight on each item cluster at ``t_s``."""

@@ -1,5 +1,6 @@
 """`hymirec demo`, briefly, on the real components: exposures and outcomes for both arms land in
-ClickHouse, and the readout has every section."""
+ClickHouse, the readout has every section, the snapshot carries the simulation's ground truth per
+arm and minute, and the last screen judges the readout against that truth."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Callable
 import pytest
 
 from abtest.clickhouse import open_client, query_df
+from abtest.ground_truth import read_ground_truth
 from abtest.readout import format_readout
+from abtest.snapshot import read_experiment_snapshot, snapshot_filename
 from hymirec.demo import EXPERIMENT, run_demo
 from hymirec.settings import Settings
 from tests.conftest import free_port
@@ -16,16 +19,20 @@ from tests.conftest import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_demo_runs_the_loop_and_reads_out_both_arms(make_settings: Callable[..., Settings]) -> None:
+def test_demo_runs_the_loop_and_reads_out_both_arms(
+    make_settings: Callable[..., Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = make_settings(
         serve_port=free_port(),
         dashboard_port=free_port(),
         sim_rate_per_s=15.0,
-        sim_users=150,
         trainer_publish_every_s=5.0,
         readout_publish_s=5.0,
     )
-    result = run_demo(settings, duration_s=45.0, warm_events=3000, keep_dashboard=False)
+    result = run_demo(
+        settings, duration_s=45.0, warm_events=3000, keep_dashboard=False, pretrain_epochs=1
+    )
+    printed = capsys.readouterr().out
     readout = result.readout
     # Both arms were served and both clicked on.
     stats = result.stats
@@ -53,5 +60,20 @@ def test_demo_runs_the_loop_and_reads_out_both_arms(make_settings: Callable[...,
     text = format_readout(readout)  # type: ignore[arg-type]
     for column in ("lift CI", "p_holm", "p_bh", "P(win)", "p_seq", "sample ratio"):
         assert column in text
-    # The dashboard's snapshot was published by the sink while the demo ran.
-    assert any(settings.readouts_dir.glob("*.json"))
+    # The dashboard's snapshot was published by the sink while the demo ran, with the
+    # simulator's ground truth per arm and minute; it agrees with the simulator's own totals.
+    snapshot = read_experiment_snapshot(settings.readouts_dir / snapshot_filename(EXPERIMENT))
+    truth = snapshot.ground_truth
+    assert truth is not None and truth.points
+    totals = truth.totals
+    for variant, arm in stats.variants.items():  # type: ignore[attr-defined]
+        assert totals[variant].requests <= arm.requests  # the snapshot may predate the end
+    final = read_ground_truth(settings.ground_truth_dir, EXPERIMENT)
+    assert final is not None
+    for variant, arm in stats.variants.items():  # type: ignore[attr-defined]
+        assert final.totals[variant].requests == arm.requests
+        assert final.totals[variant].expected_ctr == pytest.approx(arm.expected_ctr, rel=1e-9)
+    # The last screen: the measured lift beside the true one, and a verdict.
+    assert "== the readout against the truth ==" in printed
+    assert "treatment vs control: measured CTR lift" in printed
+    assert "true lift" in printed and "verdict: the truth favours" in printed

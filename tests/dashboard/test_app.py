@@ -11,18 +11,24 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from abtest.ground_truth import GroundTruthRecorder
 from abtest.metrics import USER_METRIC_COLUMNS, ExperimentMetrics
 from abtest.publish import ExperimentPlan, build_snapshot, publish_pipeline_health
-from abtest.snapshot import write_json_atomic
+from abtest.snapshot import snapshot_filename, write_json_atomic
+from dashboard.charts import GROUND_TRUTH_TITLE
 from dashboard.data import (
+    EXPECTED,
+    OBSERVED,
     ServedModel,
     ServiceProbe,
     ServiceStatus,
     effects_frame,
     fetch_service_status,
+    ground_truth_frame,
     load_readouts,
     load_registry,
     model_versions_frame,
+    true_lifts,
 )
 from hymirec.settings import Settings
 from streaming.kafka_io import EventProducer, ensure_topics
@@ -230,3 +236,64 @@ def test_an_experiment_without_users_renders(
     assert ("No exposed users yet." in infos) == (plan is None)
     if plan is not None:
         assert any("Sample ratio OK: a=0, b=0" in t for t in texts(at.success))
+
+
+MINUTE_MS = 60_000
+T0_MS = 28_333_334 * MINUTE_MS
+
+
+def with_ground_truth(data_dir: Path, name: str) -> GroundTruthRecorder:
+    """Give ``name``'s snapshot a simulator's truth: two minutes, treatment's lists 50 % better."""
+    recorder = GroundTruthRecorder()
+    for minute in range(2):
+        ts_ms = T0_MS + minute * MINUTE_MS + 1_000
+        recorder.record(name, "control", ts_ms, 10, 0.4, 1)
+        recorder.record(name, "treatment", ts_ms, 10, 0.6, 0 if minute else 2)
+    path = data_dir / "readouts" / snapshot_filename(name)
+    snap = load_readouts(data_dir / "readouts").experiments[name]
+    write_json_atomic(path, snap.model_copy(update={"ground_truth": recorder.truths()[name]}))
+    return recorder
+
+
+def truth_specs(at: AppTest) -> list[str]:
+    specs = [json.dumps(c.proto.spec) for c in at.get("vega_lite_chart")]
+    return [s for s in specs if GROUND_TRUTH_TITLE in s]
+
+
+def test_ground_truth_is_shown_only_when_the_snapshot_has_it(
+    published: Published, tmp_path: Path, run_app: Callable[[Path], AppTest]
+) -> None:
+    data_dir = data_dir_with(published, tmp_path)
+    with_ground_truth(data_dir, BALANCED)
+    snap = load_readouts(data_dir / "readouts").experiments[BALANCED]
+    assert snap.ground_truth is not None
+    assert snap.ground_truth.true_lift("control", "treatment") == pytest.approx(0.5)
+
+    at = run_app(data_dir)
+    assert at.sidebar.radio[0].value == BALANCED
+    assert "Ground truth (simulation)" in texts(at.subheader)
+    assert len(truth_specs(at)) == 1
+    [lift] = true_lifts(snap)
+    assert lift.treatment == "treatment" and lift.measured is not None
+    line = next(t for t in texts(at.markdown) if "true CTR lift" in t)
+    assert "`treatment` vs `control`: true CTR lift +50.00%" in line
+    assert f"the readout measured {lift.measured:+.2%}" in line
+    assert ("covers the truth" if lift.covered else "misses the truth") in line
+    assert any("Ground truth, not a measurement" in t for t in texts(at.caption))
+
+    at = at.sidebar.radio[0].set_value(BROKEN).run()
+    assert not at.exception
+    assert at.get("vega_lite_chart") and not truth_specs(at)
+    assert "Ground truth (simulation)" not in texts(at.subheader)
+    assert not any("true CTR lift" in t for t in texts(at.markdown))
+
+
+def test_ground_truth_frame_pairs_expected_and_observed() -> None:
+    recorder = GroundTruthRecorder()
+    recorder.record("x", "control", T0_MS, 10, 0.4, 1)
+    recorder.record("x", "control", T0_MS + MINUTE_MS, 0, 0.0, 0)  # an empty list: no CTR
+    truth = recorder.truths(T0_MS + 2 * MINUTE_MS)["x"]
+    frame = ground_truth_frame(truth)
+    assert list(frame["series"]) == [EXPECTED, OBSERVED]
+    assert list(frame["ctr"]) == pytest.approx([0.04, 0.1])
+    assert (frame["time"] == pd.Timestamp(T0_MS, unit="ms", tz="UTC")).all()

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hymirec.errors import DataError
-from model.evaluate import RankingAccumulator, masked_scores, ranking_metrics, target_ranks
+from model.evaluate import (
+    RankingAccumulator,
+    masked_scores,
+    ranking_metrics,
+    target_ranks,
+    top_items,
+)
 
 NEG = float("-inf")
 # Items 1..6; column 0 is padding. Genre sets: 1 {A}, 2 {A}, 3 {A,B}, 4 {B}, 5 {B}, 6 {C}.
@@ -171,3 +177,30 @@ def test_vectorised_metrics_match_the_loop_reference(
     ]
     got = ranking_metrics(scores, targets, genres, seen, ks=(k,), ns=(n,))
     assert got == pytest.approx(loop_reference(scores, targets, seen, genres, k, n))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    users=st.integers(1, 6),
+    items=st.integers(1, 30),
+    n=st.integers(1, 35),
+    levels=st.integers(1, 4),  # few distinct values: ties at the cut-off are the common case
+    masked_share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 10_000),
+)
+def test_top_items_match_a_stable_sort(
+    users: int, items: int, n: int, levels: int, masked_share: float, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (users, items + 1), generator=gen).float()
+    seen = torch.rand(users, items + 1, generator=gen) < masked_share
+    masked = masked_scores(scores, seen)  # -inf ties too, and column 0
+    n = min(n, items + 1)
+    expected = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :n]
+    assert torch.equal(top_items(masked, n), expected)
+
+
+def test_top_items_with_nan_fall_back_to_the_sort() -> None:
+    masked = torch.tensor([[float("-inf"), 0.5, float("nan"), 0.5, 0.9]])
+    expected = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :2]
+    assert torch.equal(top_items(masked, 2), expected)

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model import registry
+from model.base import Batch, SequentialRecommender
 from model.checkpoint_registry import CheckpointRegistry
 from model.online import (
+    Example,
     StreamHistories,
     examples_for_step,
     extend_catalog,
     grow_model,
+    length_buckets,
     make_batch,
+    prequential_metrics,
 )
+from model.popularity import Config, PopularityRecommender
 from model.trainer import ModelTrainer, StreamRecord, TrainerOptions, load_version_model
 from streaming.schema import TrainingSample
 from tests.model.offline_fixtures import tiny_catalog
@@ -174,3 +183,121 @@ def test_resume_restores_exactly_what_was_published(name: str, tmp_path: Path) -
         torch.testing.assert_close(resumed.model.state_dict()[key], value)
     served = load_version_model(published, catalog)
     assert not served.training
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=40), width=st.integers(1, 70))
+def test_length_buckets_split_every_row_once_and_pad_at_most_twofold(
+    lengths: list[int], width: int
+) -> None:
+    buckets = length_buckets(np.array(lengths), width)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(len(lengths)))
+    for rows in buckets:
+        in_bucket = [lengths[i] for i in rows]
+        # Padded to the bucket's longest: at most ``width``, else at most twice the shortest.
+        assert max(in_bucket) <= width or max(in_bucket) <= 2 * min(in_bucket)
+
+
+PROBE_MAX_LEN = 64
+CATALOG = tiny_catalog(NUM_ITEMS)
+
+
+class _NextItemBoost(PopularityRecommender):
+    """A model with its own ``score_all`` (the fast path must call it): popularity plus one for
+    each item that follows a history item in the catalogue's order."""
+
+    def score_all(self, batch: Batch) -> torch.Tensor:
+        scores = super().score_all(batch)
+        following = batch.history % NUM_ITEMS + 1
+        return scores.scatter_add(1, following, (batch.history > 0).float())
+
+
+@functools.cache
+def _ranking_model(name: str) -> SequentialRecommender:
+    torch.manual_seed(0)
+    if name == "next_item_boost":
+        model: SequentialRecommender = _NextItemBoost(CATALOG, Config())
+    else:
+        fields = {f.name for f in dataclasses.fields(registry.make_config(name))}
+        config = {"max_len": PROBE_MAX_LEN} if "max_len" in fields else {}
+        model = registry.build(name, CATALOG, **config)
+    if isinstance(model, PopularityRecommender):  # counts with ties: tie-breaking is exercised
+        model.fit(torch.randint(0, 4, (NUM_ITEMS + 1,)).float())
+    return model
+
+
+@pytest.mark.parametrize("name", [*registry.MODEL_NAMES, "next_item_boost"])
+@settings(max_examples=15, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, PROBE_MAX_LEN), min_size=1, max_size=12),
+    width=st.integers(1, 16),
+    seed=st.integers(0, 10_000),
+)
+def test_bucketed_ranking_matches_the_reference(
+    name: str, lengths: list[int], width: int, seed: int
+) -> None:
+    """The fast path (a forward per length bucket) against the plain one (one padded forward)."""
+    model = _ranking_model(name)
+    rng = np.random.default_rng(seed)
+    examples = []
+    for user, length in enumerate(lengths):
+        history = rng.integers(1, NUM_ITEMS + 1, size=length)
+        target = rng.integers(1, NUM_ITEMS + 1, size=1)
+        examples.append(Example(user, history, np.zeros_like(history), target, np.zeros(1)))
+    device = torch.device("cpu")
+    reference = prequential_metrics(model, examples, CATALOG.genres, device, bucket_width=None)
+    fast = prequential_metrics(model, examples, CATALOG.genres, device, bucket_width=width)
+    assert fast.users == reference.users == len(examples)
+    assert fast.result() == pytest.approx(reference.result(), abs=1e-9)
+    assert model.training  # left in the mode it was in
+
+
+def _learned(options: TrainerOptions, name: str = "sasrec") -> ModelTrainer:
+    config = {"max_len": 20} if name == "sasrec" else {}
+    trainer = ModelTrainer(name, tiny_catalog(NUM_ITEMS), options, config)
+    stream = _stream(8, 12)
+    torch.manual_seed(3)
+    for start in range(0, len(stream), 32):
+        trainer.learn(stream[start : start + 32])
+    return trainer
+
+
+def test_prequential_ranking_is_sampled_and_says_so(tmp_path: Path) -> None:
+    exact = _learned(TrainerOptions(prequential_sample=None))
+    # 96 samples of 8 users: every sample but each user's first has a history to rank with.
+    assert exact.metrics()["prequential_examples"] == 88
+    assert exact.metrics()["prequential_sampled_from"] == 88
+    # A micro-batch of 32 has at most 32 probes: a limit of 32 ranks them all, the same way.
+    assert _learned(TrainerOptions(prequential_sample=32)).metrics() == exact.metrics()
+    # The plain reference path ranks the same.
+    plain = _learned(TrainerOptions(prequential_sample=None, prequential_bucket=None))
+    assert plain.metrics() == pytest.approx(exact.metrics(), abs=1e-9)
+    sampled = _learned(TrainerOptions(prequential_sample=5))
+    metrics = sampled.metrics()
+    assert metrics["prequential_examples"] == 3 * 5  # three micro-batches, 5 probes each
+    assert metrics["prequential_sampled_from"] == 88
+    assert 0.0 <= metrics["prequential_recall@50"] <= 1.0
+    assert _learned(TrainerOptions(prequential_sample=5)).metrics() == metrics  # seeded
+    # Ranking fewer probes changes nothing about what is learned.
+    for key, value in exact.model.state_dict().items():
+        torch.testing.assert_close(sampled.model.state_dict()[key], value)
+    meta = sampled.publish(CheckpointRegistry(tmp_path), "training", keep=2).metadata
+    assert meta["prequential"] == {
+        "ranked": 15,
+        "probes": 88,
+        "samples_learned": 96,
+        "max_ranked_per_micro_batch": 5,
+        "exact": False,
+    }
+    assert meta["metrics"]["prequential_examples"] == 15
+
+
+def test_popular_builds_no_training_examples(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("popular learns by counting; it needs no examples")
+
+    monkeypatch.setattr("model.trainer.examples_for_step", refuse)
+    trainer = _learned(TrainerOptions(), "popular")
+    assert trainer.samples_seen == 96
+    assert float(trainer.model.counts.sum()) == 96  # type: ignore[operator]
+    assert trainer.metrics()["prequential_examples"] > 0  # still ranked, as the others

@@ -127,6 +127,10 @@ def test_killed_trainer_learns_every_sample_exactly_once(
         assert {int(p): o for p, o in meta["offsets"].items()} == ends, name
         assert meta["duplicates_skipped"] == len(repeats), name
         assert meta["freshness_ms"] is None or meta["freshness_ms"]["p99"] >= 0
+        # The prequential metrics say how many probes they ranked, of how many.
+        ranked = meta["prequential"]
+        assert ranked["ranked"] <= ranked["probes"] <= ranked["samples_learned"], name
+        assert ranked["samples_learned"] == meta["samples_in_version"], name
     # The bad records were dead-lettered, with their reason.
     consumer = KafkaConsumer(
         settings.dead_letter_topic,
@@ -158,3 +162,74 @@ def test_second_trainer_on_the_same_registry_is_refused(
         result.start()
         wait_until(lambda: not result.alive(), 120, "the refused trainer to exit")
         assert "another trainer" in result.tail()
+
+
+def test_trainer_starts_from_offline_checkpoints(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """``--init-from``: the offline weights are the first version, the samples already in the
+    topic count as learned by them (absorbed, not trained on), and learning goes on from there."""
+    import shutil
+
+    import torch
+
+    from model.data import build_catalog, load_movielens_sequences
+    from model.pretrain import pretrained_checkpoint, pretrained_filename
+    from model.train import load_checkpoint
+
+    settings = make_settings(
+        trainer_models=",".join(MODELS),
+        trainer_publish_every_samples=100,
+        trainer_publish_every_s=1.0,
+    )
+    ensure_topics(settings)
+    catalog = build_catalog(settings)
+    init = tmp_path / "init"
+    init.mkdir()
+    missing = ServiceProcess(
+        "trainer-missing", ["trainer", "--init-from", str(init), "--max-idle", "1"], settings
+    ).start()
+    wait_until(lambda: not missing.alive(), 120, "the trainer to refuse a missing checkpoint")
+    assert "no sasrec.pt for model 'sasrec'" in missing.tail() or "no popular.pt" in missing.tail()
+    data = load_movielens_sequences()
+    for name in MODELS:
+        path, _ = pretrained_checkpoint(name, catalog, data, tmp_path / "cache", epochs=1)
+        shutil.copyfile(path, init / pretrained_filename(name))
+    samples = _samples(1500)
+    _produce(settings, samples[:1200])
+    store = CheckpointRegistry(settings.registry_dir)
+    trainer = ServiceProcess("trainer", ["trainer", "--init-from", str(init)], settings).start()
+    try:
+        wait_until(
+            lambda: all(store.latest(m) is not None for m in MODELS) or not trainer.alive(),
+            180,
+            "the offline versions",
+        )
+        assert trainer.alive(), trainer.tail()
+        offline = load_checkpoint(init / "sasrec.pt", catalog).model.state_dict()
+        first = store.latest("sasrec")
+        assert first is not None
+        published = load_version_model(first, catalog).state_dict()
+        assert all(torch.equal(offline[k], published[k]) for k in offline)
+        meta = first.metadata
+        assert meta["samples_seen"] == 1200 and meta["origin"]["absorbed_samples"] == 1200
+        assert meta["origin"]["kind"] == "offline_checkpoint"
+        assert "prequential" not in meta or meta["prequential"]["probes"] == 0
+        _produce(settings, samples[1200:])
+
+        def learned_all() -> bool:
+            assert trainer.alive(), trainer.tail()
+            latest = store.latest("sasrec")
+            return latest is not None and latest.metadata["samples_seen"] == len(samples)
+
+        wait_until(learned_all, 180, "the online samples learned")
+    finally:
+        trainer.stop()
+    latest = store.latest("sasrec")
+    assert latest is not None
+    meta = latest.metadata
+    assert meta["origin"]["absorbed_samples"] == 1200  # the online 300 were learned, not absorbed
+    assert meta["sample_digest"] == f"{sum(s.event_id.int for s in samples) % 2**64:016x}"
+    assert meta["offsets"] == {
+        str(p): o for p, o in end_offsets(settings, settings.training_topic).items()
+    }
