@@ -251,6 +251,7 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         name: value
         for name, value in (
             ("sim_users", args.users),
+            ("sim_population", args.population),
             ("sim_rate_per_s", args.rate),
             ("sim_seed", args.seed),
         )
@@ -394,7 +395,18 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--duration", type=float, default=None, help="simulated seconds (default: until Ctrl-C)"
     )
-    simulate.add_argument("--users", type=int, default=None, help="default: HYMIREC_SIM_USERS")
+    simulate.add_argument(
+        "--population",
+        choices=["movielens", "text-clusters"],
+        default=None,
+        help="default: HYMIREC_SIM_POPULATION (movielens: the 943 ML-100K users)",
+    )
+    simulate.add_argument(
+        "--users",
+        type=int,
+        default=None,
+        help="text-clusters population only (default: HYMIREC_SIM_USERS)",
+    )
     simulate.add_argument(
         "--rate", type=float, default=None, help="requests/s (default: HYMIREC_SIM_RATE_PER_S)"
     )

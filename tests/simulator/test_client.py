@@ -330,10 +330,15 @@ def test_cli_simulate(settings, service, monkeypatch, capsys):
     }.items():
         monkeypatch.setenv(f"HYMIREC_{name}", str(value))
     argv = ["simulate", "--duration", "2", "--rate", "40", "--users", "30", "--seed", "2"]
-    assert main([*argv, "--unpaced"]) == 0
+    assert main([*argv, "--population", "text-clusters", "--unpaced"]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"simulator stopped: {service.calls} requests \({service.calls} served", out)
     users = {b["user_id"] for b in service.served.values()}
     assert users and all(SIM_USER_ID_BASE <= u < SIM_USER_ID_BASE + 30 for u in users)
     events = read_events(settings)
     assert len(events) == sum(int(n) for n in re.findall(r"(\d+) (?:clicks|plays)", out)[:2])
+    # The default population: the ML-100K users themselves (ids 1..943).
+    service.served.clear()
+    assert main(["simulate", "--duration", "2", "--rate", "40", "--unpaced"]) == 0
+    users = {b["user_id"] for b in service.served.values()}
+    assert users and all(1 <= u <= 943 for u in users)
