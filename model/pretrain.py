@@ -42,13 +42,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The demo's offline budget per model (at most; early stopping on validation, patience 3).
-# SASRec and HSTU take ~3-4 s an epoch on 2 cores, HyMiRec ~30 s, PerSRec and Fuxi-MME ~20-25 s
+# SASRec and HSTU take ~2-4 s an epoch on 2 cores, HyMiRec ~5 s, PerSRec and Fuxi-MME ~20-25 s
 # (benchmarks/RESULTS.md, offline evaluation).
 PRETRAIN_EPOCHS = {
     "popular": 0,
     "sasrec": 15,
     "hstu": 15,
-    "hymirec": 5,
+    "hymirec": 10,
     "persrec": 5,
     "fuxi_mme": 5,
 }
