@@ -7,8 +7,10 @@ gets a snapshot with no users), computes each one's per-user metrics and readout
 (``abtest.metrics``, ``abtest.readout``), adds the request guardrails and the cumulative effect
 over time (``abtest.cumulative``), and writes ``<readouts_dir>/<experiment>.json`` (schema:
 ``abtest.snapshot``). It also writes the pipeline's Kafka health (``abtest.pipeline_health``) to
-``_pipeline.json``. The same code runs inside the sink on chdb (which owns the directory) and as
-``hymirec readout --publish`` against a ClickHouse server.
+``_pipeline.json``, with the freshness series: per publish, the trainer's lag on the training
+topic and each registry model's newest learned event age (read from the checkpoint registry's
+metadata; an unreadable registry gives no models, logged). The same code runs inside the sink on
+chdb (which owns the directory) and as ``hymirec readout --publish`` against a ClickHouse server.
 
 In a closed-loop simulation the simulator also writes its ground truth per variant and minute
 (``abtest.ground_truth``, into ``settings.ground_truth_dir``); the snapshot carries it when there
@@ -35,6 +37,7 @@ from clickhouse_connect.driver.client import Client
 
 from abtest.clickhouse import analytics_client, query_df
 from abtest.cumulative import as_float, cumulative_series
+from abtest.freshness import freshness_point, freshness_series
 from abtest.ground_truth import GroundTruth, read_ground_truth
 from abtest.metrics import ExperimentMetrics, user_metrics
 from abtest.pipeline_health import pipeline_health
@@ -83,6 +86,8 @@ TRAINING_POLICY = (
     "pooled: every arm's model trains on the pooled training stream of all arms, so the "
     "experiment compares models, not data volume (DESIGN.md)"
 )
+
+# The freshness series in _pipeline.json keeps the last 24 hours, at most this many points.
 
 _EXPERIMENTS_SQL = """
 SELECT DISTINCT toString(assumeNotNull(experiment)) AS experiment
@@ -394,13 +399,16 @@ def publish_readouts(
 
 
 def publish_pipeline_health(settings: Settings, *, now_ms: int | None = None) -> PipelineSnapshot:
-    """Write ``_pipeline.json``; the previous file (if readable) gives the event rate."""
+    """Write ``_pipeline.json``; the previous file (if readable) gives the event rate and the
+    freshness series so far, to which this publish adds a point."""
     path = settings.readouts_dir / PIPELINE_FILE
     try:
         previous: PipelineSnapshot | None = read_pipeline_snapshot(path)
     except DataError:
         previous = None
     snapshot = pipeline_health(settings, previous, now_ms=now_ms)
+    series = freshness_series(previous, freshness_point(settings, snapshot))
+    snapshot = snapshot.model_copy(update={"freshness": series})
     write_json_atomic(path, snapshot)
     return snapshot
 

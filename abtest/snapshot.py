@@ -9,7 +9,8 @@ dot; readers skip dot files.
 
 The models below are the schema (``SNAPSHOT_SCHEMA_VERSION``); both sides validate with them.
 ``ground_truth`` is optional: only a closed-loop simulation knows the truth (``abtest.ground_truth``
-records and reads it), and files written before it existed still validate.
+records and reads it), and files written before it existed still validate; so is the pipeline's
+``freshness`` series (files written before it read as an empty series).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ __all__ = [
     "CumulativeSeries",
     "EffectRow",
     "ExperimentSnapshot",
+    "FreshnessPoint",
     "GroundTruth",
     "GuardrailCheck",
     "Guardrails",
+    "ModelFreshness",
     "PipelineSnapshot",
     "RequestGuardrail",
     "SrmCheck",
@@ -297,8 +300,35 @@ class ConsumerLag(_Frozen):
     lag: int | None
 
 
+class ModelFreshness(_Frozen):
+    """How fresh a model's latest registry version (the one serving loads) is at a point.
+
+    ``newest_event_age_ms`` is the point's time − when the newest event the version learned
+    entered Kafka (its ``newest_ingest_ts_ms``); ``freshness_p99_ms`` is the version's own p99 of
+    publish time − ingest time over its samples. Either is None when the metadata lacks it.
+    """
+
+    model: str
+    version: str
+    published_at_ms: int | None
+    newest_event_age_ms: int | None
+    freshness_p99_ms: float | None
+
+
+class FreshnessPoint(_Frozen):
+    """One publish's freshness: the trainer's lag on the training topic and each model's age."""
+
+    ts_ms: int
+    training_lag: int | None
+    models: list[ModelFreshness] = Field(default_factory=list)
+
+
 class PipelineSnapshot(_Frozen):
-    """Kafka-side pipeline health: consumer lag, event rate, dead-letter records."""
+    """Kafka-side pipeline health: consumer lag, event rate, dead-letter records.
+
+    ``freshness`` is a series, one point per publish, carried over from the previous file (the
+    last 24 hours, at most ``abtest.publish.FRESHNESS_POINTS`` points).
+    """
 
     schema_version: int
     generated_at_ms: int
@@ -312,6 +342,7 @@ class PipelineSnapshot(_Frozen):
     dead_letter_topic: str
     dead_letter_records: int | None
     consumer_lag: list[ConsumerLag]
+    freshness: list[FreshnessPoint] = Field(default_factory=list)
 
 
 def snapshot_filename(experiment: str) -> str:

@@ -19,12 +19,14 @@ from dashboard.data import (
     cumulative_frame,
     effects_frame,
     fetch_service_status,
+    freshness_age_frame,
     ground_truth_frame,
     lag_frame,
     load_readouts,
     load_registry,
     model_versions_frame,
     traffic_frame,
+    training_lag_frame,
     true_lifts,
 )
 from hymirec.errors import HymirecError
@@ -256,6 +258,28 @@ def show_pipeline(folder: ReadoutFolder) -> None:
     st.dataframe(lags, hide_index=True, width="stretch")
 
 
+def show_freshness(folder: ReadoutFolder) -> None:
+    """The freshness series of ``_pipeline.json``: does the trainer keep up with its stream?"""
+    pipeline = folder.pipeline
+    if pipeline is None or not pipeline.freshness:
+        return
+    ages, lags = freshness_age_frame(pipeline), training_lag_frame(pipeline)
+    if ages.empty and lags.empty:
+        return
+    st.subheader("Freshness")
+    left, right = st.columns(2)
+    if not ages.empty:
+        left.altair_chart(charts.freshness_age_chart(ages), width="stretch")
+    if not lags.empty:
+        right.altair_chart(charts.training_lag_chart(lags), width="stretch")
+    st.caption(
+        "Left: at each publish, how long ago the newest event that each model's latest version "
+        "learned entered Kafka (serving loads the latest version). Right: the trainer's lag on "
+        "the training topic, in samples it has not learned yet. A trainer that keeps up holds "
+        "both low and flat."
+    )
+
+
 def render(settings: Settings, choice: str | None) -> None:
     folder = load_readouts(settings.readouts_dir)
     if folder.empty:
@@ -266,6 +290,7 @@ def render(settings: Settings, choice: str | None) -> None:
         st.error(f"Cannot show this experiment: {folder.errors[choice]}")
     show_models(settings)
     show_pipeline(folder)
+    show_freshness(folder)
 
 
 def main() -> None:

@@ -9,14 +9,19 @@ from abtest.snapshot import ExperimentSnapshot
 from dashboard.data import EXPECTED, OBSERVED
 
 __all__ = [
+    "FRESHNESS_AGE_TITLE",
+    "GROUND_TRUTH_TITLE",
+    "TRAINING_LAG_TITLE",
     "bayes_chart",
     "cumulative_chart",
     "forest_chart",
+    "freshness_age_chart",
     "ground_truth_chart",
     "lag_chart",
     "latency_chart",
     "traffic_chart",
     "traffic_over_time_chart",
+    "training_lag_chart",
 ]
 
 VERDICT_COLORS = alt.Scale(
@@ -239,5 +244,47 @@ def lag_chart(lags: pd.DataFrame) -> alt.Chart:
             tooltip=["group", "topic", "lag", "committed partitions"],
         )
         .properties(height=140)
+    )
+    return chart
+
+
+FRESHNESS_AGE_TITLE = "Newest learned event's age, latest version per model"
+TRAINING_LAG_TITLE = "Trainer lag on the training topic"
+
+
+def freshness_age_chart(ages: pd.DataFrame) -> alt.Chart:
+    """Per model, how old the newest event its latest version learned was at each publish;
+    ``ages`` from ``dashboard.data.freshness_age_frame``."""
+    chart: alt.Chart = (
+        alt.Chart(ages, title=FRESHNESS_AGE_TITLE)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("time:T", title="publish"),
+            y=alt.Y("newest event age s:Q", title="age (s)"),
+            color=alt.Color("model:N"),
+            tooltip=[
+                "model",
+                "version",
+                "time:T",
+                alt.Tooltip("newest event age s:Q", format=".1f"),
+                alt.Tooltip("event→publish p99 s:Q", format=".1f"),
+            ],
+        )
+        .properties(height=220)
+    )
+    return chart
+
+
+def training_lag_chart(lags: pd.DataFrame) -> alt.Chart:
+    """The trainer group's lag (samples) on the training topic at each publish."""
+    chart: alt.Chart = (
+        alt.Chart(lags, title=TRAINING_LAG_TITLE)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("time:T", title="publish"),
+            y=alt.Y("lag:Q", title="samples not yet learned"),
+            tooltip=["time:T", "lag"],
+        )
+        .properties(height=220)
     )
     return chart

@@ -40,12 +40,14 @@ __all__ = [
     "cumulative_frame",
     "effects_frame",
     "fetch_service_status",
+    "freshness_age_frame",
     "ground_truth_frame",
     "lag_frame",
     "load_readouts",
     "load_registry",
     "model_versions_frame",
     "traffic_frame",
+    "training_lag_frame",
     "true_lifts",
 ]
 
@@ -201,6 +203,36 @@ def lag_frame(pipeline: PipelineSnapshot) -> pd.DataFrame:
             for lag in pipeline.consumer_lag
         ]
     )
+
+
+def freshness_age_frame(pipeline: PipelineSnapshot) -> pd.DataFrame:
+    """Per publish and model: the newest learned event's age (s) and the version's p99 (s)."""
+    rows = [
+        {
+            "time": pd.to_datetime(point.ts_ms, unit="ms", utc=True),
+            "model": m.model,
+            "version": m.version,
+            "newest event age s": m.newest_event_age_ms / 1000,
+            "event→publish p99 s": (
+                None if m.freshness_p99_ms is None else m.freshness_p99_ms / 1000
+            ),
+        }
+        for point in pipeline.freshness
+        for m in point.models
+        if m.newest_event_age_ms is not None
+    ]
+    columns = ["time", "model", "version", "newest event age s", "event→publish p99 s"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def training_lag_frame(pipeline: PipelineSnapshot) -> pd.DataFrame:
+    """Per publish with a known lag: the trainer's lag (samples) on the training topic."""
+    rows = [
+        {"time": pd.to_datetime(p.ts_ms, unit="ms", utc=True), "lag": p.training_lag}
+        for p in pipeline.freshness
+        if p.training_lag is not None
+    ]
+    return pd.DataFrame(rows, columns=["time", "lag"])
 
 
 # --- the model registry -------------------------------------------------------------------------

@@ -14,8 +14,16 @@ from streamlit.testing.v1 import AppTest
 from abtest.ground_truth import GroundTruthRecorder
 from abtest.metrics import USER_METRIC_COLUMNS, ExperimentMetrics
 from abtest.publish import ExperimentPlan, build_snapshot, publish_pipeline_health
-from abtest.snapshot import snapshot_filename, write_json_atomic
-from dashboard.charts import GROUND_TRUTH_TITLE
+from abtest.snapshot import (
+    PIPELINE_FILE,
+    SNAPSHOT_SCHEMA_VERSION,
+    FreshnessPoint,
+    ModelFreshness,
+    PipelineSnapshot,
+    snapshot_filename,
+    write_json_atomic,
+)
+from dashboard.charts import FRESHNESS_AGE_TITLE, GROUND_TRUTH_TITLE, TRAINING_LAG_TITLE
 from dashboard.data import (
     EXPECTED,
     OBSERVED,
@@ -24,13 +32,16 @@ from dashboard.data import (
     ServiceStatus,
     effects_frame,
     fetch_service_status,
+    freshness_age_frame,
     ground_truth_frame,
     load_readouts,
     load_registry,
     model_versions_frame,
+    training_lag_frame,
     true_lifts,
 )
 from hymirec.settings import Settings
+from model.checkpoint_registry import REGISTRY_FORMAT
 from streaming.kafka_io import EventProducer, ensure_topics
 from tests.conftest import free_port
 from tests.dashboard.conftest import BALANCED, BROKEN, Published
@@ -145,7 +156,7 @@ def write_version(registry: Path, model: str, version: str, **overrides: object)
         "freshness_ms": {"p50": 1500.0, "p99": 4200.0, "max": 6000.0},
         "metrics": {"prequential_recall@50": 0.21, "loss": 3.2},
         "device": "cpu",
-        "format": 1,
+        "format": REGISTRY_FORMAT,
     } | overrides
     (folder / "metadata.json").write_text(json.dumps(meta))
 
@@ -199,7 +210,12 @@ def test_app_shows_models_and_pipeline(
     ensure_topics(settings)
     with EventProducer(settings) as producer:
         producer.send_raw(b"1", b"{}")
-    publish_pipeline_health(settings)
+    pipeline = publish_pipeline_health(settings)
+    [point] = pipeline.freshness
+    assert point.training_lag == 0  # the training topic exists and is empty
+    [model] = point.models
+    assert (model.model, model.version, model.freshness_p99_ms) == ("sasrec", "v000007", 4200.0)
+    assert model.newest_event_age_ms == point.ts_ms - 1_700_000_050_000
     at = run_app(data_dir)
     models = next(d.value for d in at.dataframe if "samples seen" in d.value.columns)
     assert list(models["version"]) == ["v000007"]
@@ -208,6 +224,102 @@ def test_app_shows_models_and_pipeline(
     assert labels["dead-letter records"] == "0"
     lags = next(d.value for d in at.dataframe if "lag" in d.value.columns)
     assert len(lags) == 3
+    assert len(freshness_specs(at)) == 2
+
+
+FRESH_T0_MS = 1_700_000_000_000
+
+
+def pipeline_with(freshness: list[FreshnessPoint]) -> PipelineSnapshot:
+    """A pipeline snapshot of an unreachable broker (the freshness is known without it)."""
+    return PipelineSnapshot(
+        schema_version=SNAPSHOT_SCHEMA_VERSION,
+        generated_at_ms=FRESH_T0_MS,
+        bootstrap="127.0.0.1:1",
+        reachable=False,
+        error="NoBrokersAvailable",
+        events_topic="events",
+        events_end_offset=None,
+        events_per_s=None,
+        rate_interval_s=None,
+        dead_letter_topic="events-dlq",
+        dead_letter_records=None,
+        consumer_lag=[],
+        freshness=freshness,
+    )
+
+
+def fresh(model: str, age_ms: int | None) -> ModelFreshness:
+    return ModelFreshness(
+        model=model,
+        version="v000001",
+        published_at_ms=FRESH_T0_MS,
+        newest_event_age_ms=age_ms,
+        freshness_p99_ms=2_500.0,
+    )
+
+
+FRESHNESS_SERIES = [
+    FreshnessPoint(ts_ms=FRESH_T0_MS, training_lag=None, models=[fresh("sasrec", 90_000)]),
+    FreshnessPoint(
+        ts_ms=FRESH_T0_MS + 10_000,
+        training_lag=700,
+        models=[fresh("sasrec", 12_000), fresh("popular", None)],
+    ),
+    FreshnessPoint(ts_ms=FRESH_T0_MS + 20_000, training_lag=40, models=[fresh("sasrec", 8_000)]),
+]
+
+
+def freshness_specs(at: AppTest) -> list[str]:
+    specs = [json.dumps(c.proto.spec) for c in at.get("vega_lite_chart")]
+    return [s for s in specs if FRESHNESS_AGE_TITLE in s or TRAINING_LAG_TITLE in s]
+
+
+def test_freshness_frames() -> None:
+    pipeline = pipeline_with(FRESHNESS_SERIES)
+    ages = freshness_age_frame(pipeline)
+    assert list(ages["newest event age s"]) == [90.0, 12.0, 8.0]  # popular's age is unknown
+    assert list(ages["event→publish p99 s"]) == [2.5] * 3
+    assert list(ages["time"]) == [
+        pd.Timestamp(FRESH_T0_MS + k * 10_000, unit="ms", tz="UTC") for k in range(3)
+    ]
+    lags = training_lag_frame(pipeline)
+    assert list(lags["lag"]) == [700, 40]
+    assert (
+        freshness_age_frame(pipeline_with([])).empty and training_lag_frame(pipeline_with([])).empty
+    )
+
+
+@pytest.mark.parametrize(
+    "series",
+    [None, [], [FreshnessPoint(ts_ms=FRESH_T0_MS, training_lag=None, models=[fresh("x", None)])]],
+    ids=["no-pipeline-file", "empty-series", "nothing-known"],
+)
+def test_no_freshness_chart_without_points(
+    series: list[FreshnessPoint] | None,
+    published: Published,
+    tmp_path: Path,
+    run_app: Callable[[Path], AppTest],
+) -> None:
+    data_dir = data_dir_with(published, tmp_path)
+    if series is not None:
+        write_json_atomic(data_dir / "readouts" / PIPELINE_FILE, pipeline_with(series))
+    at = run_app(data_dir)
+    assert at.get("vega_lite_chart") and not freshness_specs(at)
+    assert "Freshness" not in texts(at.subheader)
+
+
+def test_freshness_chart_when_the_snapshot_has_points(
+    published: Published, tmp_path: Path, run_app: Callable[[Path], AppTest]
+) -> None:
+    data_dir = data_dir_with(published, tmp_path)
+    write_json_atomic(data_dir / "readouts" / PIPELINE_FILE, pipeline_with(FRESHNESS_SERIES))
+    at = run_app(data_dir)
+    assert "Freshness" in texts(at.subheader)
+    ages, lags = freshness_specs(at)
+    assert FRESHNESS_AGE_TITLE in ages and TRAINING_LAG_TITLE in lags  # their data: frames test
+    assert any("newest event" in t and "training topic" in t for t in texts(at.caption))
+    assert any("Kafka not reachable" in t for t in texts(at.warning))
 
 
 def test_effects_frame_verdicts(published: Published) -> None:

@@ -435,6 +435,11 @@ def test_publish_loop_repeats_until_stopped(copied_data: Path, broker: LocalBrok
     assert planned.total_users == 0 and planned.effects == [] and planned.cumulative == []
     pipeline = read_pipeline_snapshot(settings.readouts_dir / PIPELINE_FILE)
     assert pipeline.reachable and pipeline.events_end_offset is None  # no such topic
+    # Each publish adds a freshness point to the series carried over from the previous file.
+    times = [p.ts_ms for p in pipeline.freshness]
+    assert len(times) >= 2 and times == sorted(set(times))
+    assert times[-1] == pipeline.generated_at_ms
+    assert all(p.models == [] for p in pipeline.freshness)  # no registry in this data dir
 
 
 @pytest.mark.integration
