@@ -50,6 +50,7 @@ from kafka.structs import OffsetAndMetadata
 from abtest.clickhouse import analytics_client, insert_events, load_item_dimension
 from hymirec.errors import AnalyticsError, BrokerError, InvalidEvent
 from hymirec.settings import Settings
+from streaming.fetch_backoff import install_kafka_python_backoff
 from streaming.kafka_group import fix_group_join
 from streaming.schema import Event, parse_event
 
@@ -156,6 +157,8 @@ class EventSink:
                 fetch_max_bytes=max(settings.max_message_bytes, 64 * 1024 * 1024),
             )
             self._consumer.subscribe([settings.events_topic], listener=_FlushOnRevoke(self))
+            # The embedded broker answers an empty fetch at once: pause after empty ones.
+            install_kafka_python_backoff(self._consumer, settings.kafka_empty_fetch_backoff_ms)
         except KafkaError as exc:
             raise BrokerError(
                 f"sink cannot reach Kafka at {settings.kafka_bootstrap}: {exc}"

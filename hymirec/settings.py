@@ -51,6 +51,15 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024 * 1024, description="Largest record the clients move."
     )
+    kafka_empty_fetch_backoff_ms: int = Field(
+        40,
+        ge=0,
+        le=1000,
+        description="Longest pause of a consumer after fetches that found no records "
+        "(streaming/fetch_backoff.py): the embedded broker answers them at once, so an idle "
+        "consumer would spin; a record reaching an idle consumer waits up to about this long. "
+        "0: off, for a broker that waits server-side (Apache Kafka: docker/compose.yaml).",
+    )
 
     # Stream processing.
     faust_app_id: str = "hymirec-features"

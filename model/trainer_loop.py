@@ -39,6 +39,7 @@ from model.checkpoint_registry import CheckpointRegistry
 from model.pretrain import pretrained_filename
 from model.registry import MODEL_NAMES
 from model.trainer import ModelTrainer, StreamRecord, TrainerOptions
+from streaming.fetch_backoff import install_kafka_python_backoff
 from streaming.kafka_io import ensure_topics
 from streaming.schema import TrainingSample
 
@@ -347,6 +348,8 @@ def _consume(
     since_publish, last_publish = 0, time.monotonic()
     last_record = last_log = time.monotonic()
     logged_samples = 0
+    # The embedded broker answers an empty fetch at once: pause after empty ones.
+    install_kafka_python_backoff(consumer, settings.kafka_empty_fetch_backoff_ms)
     while not stop.is_set():
         polled = consumer.poll(timeout_ms=200, max_records=settings.trainer_batch_size)
         now = time.monotonic()

@@ -66,6 +66,7 @@ from features.item_features import ItemCodeTable
 from features.store import FeatureStoreClient, UserHistoryFeatures
 from hymirec.errors import ConfigError, FeatureStoreError, InvalidEvent
 from hymirec.settings import Settings
+from streaming.fetch_backoff import install_aiokafka_backoff
 from streaming.history import UserHistory
 from streaming.schema import Event, TrainingSample, parse_event
 
@@ -115,6 +116,7 @@ def create_app(
     # Faust makes this folder even for memory tables; its default is "<id>-data" in the cwd.
     datadir = settings.data_dir.resolve() / "faust" / settings.faust_app_id
     datadir.parent.mkdir(parents=True, exist_ok=True)
+    install_aiokafka_backoff(settings.kafka_empty_fetch_backoff_ms)  # idle: no fetch spin
     app = faust.App(
         settings.faust_app_id,
         broker=_faust_brokers(settings.kafka_bootstrap),
