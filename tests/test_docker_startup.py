@@ -114,7 +114,12 @@ def missing_from_cli(args: list[str]) -> str | None:
 
 # What differs between the stack and the embedded mode: endpoints, listening addresses, device.
 EMBEDDED_FIELDS = {"data_dir", "kafka_bootstrap", "clickhouse_dsn", "feast_config", "redis_url"}
-EMBEDDED_FIELDS |= {"serve_host", "dashboard_host", "trainer_device"}
+EMBEDDED_FIELDS |= {
+    "serve_host",
+    "dashboard_host",
+    "trainer_device",
+    "kafka_empty_fetch_backoff_ms",
+}
 
 
 def embedded_settings(service: str, make_settings: Callable[..., Settings]) -> Settings:
