@@ -32,7 +32,11 @@ def test_requests_are_answered_while_kafka_is_down_and_their_impressions_arrive_
         service = RecommendationService.build(world.settings)
         server = ServerThread(create_app(service)).start()
         client = httpx.Client(base_url=server.url, timeout=30)
-        users = sorted(world.histories)[:6]
+        # Six users, one of them in two experiment layers (the layers' salts are random per
+        # world, so the first six users alone are sometimes all in one layer).
+        candidates = sorted(world.histories)
+        both = next(u for u in candidates if len(service.splitter.route(u).layers) > 1)
+        users = [both, *[u for u in candidates if u != both][:5]]
 
         def recommend(user: int) -> httpx.Response:
             response = client.get("/recommend", params={"user_id": user, "k": K})
