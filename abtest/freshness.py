@@ -9,6 +9,7 @@ over from the previous file: the points of the last ``FRESHNESS_WINDOW_MS``, at 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from abtest.snapshot import FreshnessPoint, ModelFreshness, PipelineSnapshot
@@ -18,6 +19,8 @@ from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
 __all__ = [
     "FRESHNESS_POINTS",
     "FRESHNESS_WINDOW_MS",
+    "FreshnessMinute",
+    "freshness_by_minute",
     "freshness_point",
     "freshness_series",
     "registry_freshness",
@@ -89,3 +92,61 @@ def freshness_series(
     since_ms = point.ts_ms - FRESHNESS_WINDOW_MS
     kept = [p for p in (previous.freshness if previous else []) if since_ms < p.ts_ms < point.ts_ms]
     return [*kept, point][-FRESHNESS_POINTS:]
+
+
+@dataclass(frozen=True)
+class FreshnessMinute:
+    """The worst freshness among the points of one minute: the trainer's largest lag on the
+    training topic and the oldest newest-learned event among the models (None: not known)."""
+
+    start_ms: int
+    points: int
+    max_training_lag: int | None
+    max_event_age_ms: int | None
+    oldest_model: str | None
+
+    def kept_up(self, lag_limit: int, age_limit_ms: int) -> bool:
+        """Both figures known and under their limits."""
+        return (
+            self.max_training_lag is not None
+            and self.max_training_lag < lag_limit
+            and self.max_event_age_ms is not None
+            and self.max_event_age_ms < age_limit_ms
+        )
+
+
+def freshness_by_minute(
+    series: list[FreshnessPoint], start_ms: int, end_ms: int, models: set[str] | None = None
+) -> list[FreshnessMinute]:
+    """The points in ``[start_ms, end_ms]`` grouped into whole minutes from ``start_ms`` (the last
+    one may be shorter), each minute's worst lag and worst model age; ``models`` limits the ages
+    to those models (e.g. the served ones), and a point that lacks one of them leaves the
+    minute's age unknown. A minute without points is left out."""
+    if end_ms < start_ms:
+        raise ValueError(f"the window ends ({end_ms}) before it starts ({start_ms})")
+    minutes: dict[int, list[FreshnessPoint]] = {}
+    for point in series:
+        if start_ms <= point.ts_ms <= end_ms:
+            minutes.setdefault((point.ts_ms - start_ms) // 60_000, []).append(point)
+    return [_worst(start_ms + i * 60_000, minutes[i], models) for i in sorted(minutes)]
+
+
+def _worst(start_ms: int, points: list[FreshnessPoint], models: set[str] | None) -> FreshnessMinute:
+    lags = [p.training_lag for p in points]
+    ages = [
+        (m.newest_event_age_ms, m.model)
+        for p in points
+        for m in p.models
+        if m.newest_event_age_ms is not None and (models is None or m.model in models)
+    ]
+    known = models is None or all(
+        models <= {m.model for m in p.models if m.newest_event_age_ms is not None} for p in points
+    )
+    oldest = max(ages) if ages and known else None
+    return FreshnessMinute(
+        start_ms=start_ms,
+        points=len(points),
+        max_training_lag=None if None in lags else max(lag for lag in lags if lag is not None),
+        max_event_age_ms=oldest[0] if oldest else None,
+        oldest_model=oldest[1] if oldest else None,
+    )

@@ -36,6 +36,7 @@ from abtest.readout import Readout
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
 from hymirec.errors import HymirecError
+from hymirec.freshness_report import trainer_freshness_lines
 from hymirec.movielens import load_ratings
 from hymirec.processes import ServiceProcess
 from hymirec.scenarios import SCENARIOS
@@ -266,49 +267,6 @@ def _sink_lag(settings: Settings) -> int | None:
     return None
 
 
-def _trainer_lag(settings: Settings) -> int | None:
-    from abtest.pipeline_health import pipeline_health
-
-    for lag in pipeline_health(settings).consumer_lag:
-        if lag.group == settings.trainer_group_id and lag.topic == settings.training_topic:
-            return lag.lag
-    return None
-
-
-def _trainer_freshness(
-    settings: Settings, store: CheckpointRegistry, models: list[str]
-) -> list[str]:
-    """Whether the online trainer kept up: its lag on ``training-samples`` at the end of the
-    traffic, and per model the freshness the latest version's metadata states."""
-    lag = _trainer_lag(settings)
-    lines = [f"[trainer] training-samples lag at the end of the traffic: {lag} samples"]
-    worst_p99_ms = 0.0
-    for name in models:
-        latest = store.latest(name)
-        if latest is None:
-            continue
-        meta = latest.metadata
-        fresh = meta.get("freshness_ms") or {}
-        worst_p99_ms = max(worst_p99_ms, float(fresh.get("p99") or 0.0))
-        age = meta.get("newest_event_age_ms")
-        lines.append(
-            f"[trainer] {name} {latest.version}: {meta.get('samples_seen', 0):,} samples seen; "
-            f"event -> published p50 {_seconds(fresh.get('p50'))} p99 {_seconds(fresh.get('p99'))};"
-            f" newest learned event {_seconds(age)} old when published"
-        )
-    kept_up = lag is not None and lag < 1000 and worst_p99_ms < 30_000
-    lines.append(
-        "[trainer] kept up with the stream (lag < 1,000 samples, p99 < 30 s)"
-        if kept_up
-        else "[trainer] did NOT keep up with the stream (lag >= 1,000 samples or p99 >= 30 s)"
-    )
-    return lines
-
-
-def _seconds(ms: object) -> str:
-    return f"{float(ms) / 1000:.1f} s" if isinstance(ms, int | float) else "-"
-
-
 def run_demo(
     settings: Settings,
     duration_s: float = 120.0,
@@ -397,11 +355,13 @@ def run_demo(
         print(f"[dashboard] http://127.0.0.1:{settings.dashboard_port}")
         population = load_population(settings)
         print(f"[simulator] {population.num_users} users ({settings.sim_population} population)")
+        traffic_start_ms = int(time.time() * 1000)
         stats = run_simulation(settings, duration_s, population=population)
+        traffic_end_ms = int(time.time() * 1000)
         print(f"[simulator] {stats.summary()}")
-        for line in _trainer_freshness(settings, store, models):
-            print(line)
         _wait(lambda: _sink_lag(settings) == 0, timeout_s, "the sink to catch up", children)
+        for line in trainer_freshness_lines(settings, models, traffic_start_ms, traffic_end_ms):
+            print(line)
         children.stop(sink)  # it owns the chdb directory; the readout needs it
         readout = experiment_readout(
             settings,

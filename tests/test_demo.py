@@ -77,3 +77,6 @@ def test_demo_runs_the_loop_and_reads_out_both_arms(
     assert "== the readout against the truth ==" in printed
     assert "treatment vs control: measured CTR lift" in printed
     assert "true lift" in printed and "verdict: the truth favours" in printed
+    # Whether the trainer kept up, minute by minute of the 45 s of traffic (one minute).
+    assert "[trainer] minute 1 (" in printed
+    assert "kept up with the stream (" in printed
