@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -425,7 +426,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library deprecation noise (kafka-python reads its protocol schemas through
+    ``importlib.resources.read_text``) is the libraries' business, not the user's: filtered here,
+    at the entry point, never in the packages, and only for those modules."""
+    for module in (r"kafka(\..*)?", r"importlib\.resources(\..*)?", r"aiokafka(\..*)?"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
