@@ -6,70 +6,26 @@ now (a cohort view, like GrowthBook's cumulative charts by first exposure), so t
 point is the full readout. Beside the fixed-horizon CI each point carries the mSPRT confidence
 sequence (Johari et al. 2017; Howard et al. 2021's normal mixture, ``abtest.stats.sequential``)
 of the same estimator: effect ± sqrt(V(V + τ²)/τ² · (ln((V + τ²)/V) + 2 ln(1/α))), V the estimator's
-variance (CUPED-adjusted where the readout used CUPED), with one τ per series, tuned like the
-readout's ``p_sequential`` to the current users per arm and pooled standard deviation. The band
-holds the true effect at every point at once with probability ≥ 1 − α, so it is always wider than
-the fixed-horizon CI, which holds at one pre-chosen look only.
+variance (CUPED-adjusted where the readout used CUPED). τ is the readout's own for that metric and
+treatment, fixed once for the experiment (``Readout.sequential``, ``abtest.sequential_looks``), so
+the band and ``p_sequential`` are one test; a series whose τ is not fixed yet has no band. The
+band holds the true effect at every point at once with probability ≥ 1 − α, so it is always wider
+than the fixed-horizon CI, which holds at one pre-chosen look only.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from abtest.metrics import ExperimentMetrics
-from abtest.readout import (
-    COVARIATE,
-    READOUT_METRICS,
-    MetricSpec,
-    Readout,
-    arm_statistic,
-    readout_from_metrics,
-)
+from abtest.readout import Readout, readout_from_metrics
 from abtest.snapshot import CumulativePoint, CumulativeSeries, TrafficPoint
-from abtest.stats import (
-    ProportionStatistic,
-    RatioStatistic,
-    RegressionAdjustedStatistic,
-    SampleMeanStatistic,
-    confidence_sequence_halfwidth,
-    msprt_tau,
-)
+from abtest.stats import confidence_sequence_halfwidth
 
-__all__ = ["as_float", "cumulative_series", "effect_variance"]
-
-_SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in READOUT_METRICS}
-
-ArmStatistic = SampleMeanStatistic | ProportionStatistic | RatioStatistic
-
-
-def effect_variance(
-    spec: MetricSpec, method: str, control: pd.DataFrame, treatment: pd.DataFrame
-) -> float:
-    """Var of the readout's estimator: CUPED-adjusted when ``method`` is cuped_t, else plain."""
-    if method == "cuped_t":
-        c = RegressionAdjustedStatistic.from_arrays(control[spec.column], control[COVARIATE])
-        t = RegressionAdjustedStatistic.from_arrays(treatment[spec.column], treatment[COVARIATE])
-        theta = (c + t).theta
-        return c.adjusted_variance(theta) / c.n + t.adjusted_variance(theta) / t.n
-    sc, st = arm_statistic(spec, control), arm_statistic(spec, treatment)
-    return sc.variance / sc.n + st.variance / st.n
-
-
-def _series_tau(
-    spec: MetricSpec, control: pd.DataFrame, treatment: pd.DataFrame, alpha: float
-) -> float | None:
-    """τ as the readout's p_sequential picks it: pooled sd and the current users per arm."""
-    c, t = arm_statistic(spec, control), arm_statistic(spec, treatment)
-    if c.n < 2 or t.n < 2:
-        return None
-    sd = math.sqrt((c.variance + t.variance) / 2.0)
-    if not sd > 0 or not math.isfinite(sd):
-        return None
-    return msprt_tau(sd, (c.n + t.n) / 2.0, alpha=alpha)
+__all__ = ["as_float", "cumulative_series"]
 
 
 def as_float(value: Any) -> float | None:
@@ -111,13 +67,7 @@ def cumulative_series(
         for e in edges
         for v in readout.users
     ]
-    full_control = frame[variants == control]
-    taus = {
-        (spec.name, t): _series_tau(spec, full_control, frame[variants == t], alpha)
-        for t in readout.users
-        if t != control
-        for spec in READOUT_METRICS
-    }
+    taus = {(s.metric, s.treatment): s.tau for s in readout.sequential}
     points: dict[tuple[str, str], list[CumulativePoint]] = {key: [] for key in taus}
     methods: dict[tuple[str, str], str] = {}
     for edge in edges:
@@ -129,19 +79,15 @@ def cumulative_series(
             ExperimentMetrics(metrics.experiment, sub, 0, metrics.pre_days),
             control,
             alpha=alpha,
-            prior=None,
+            sequential=None,
         )
-        control_frame = sub[sub["variant"] == control]
         for row in look.table.itertuples(index=False):
             key = (str(row.metric), str(row.treatment))
             tau, effect = taus.get(key), as_float(row.effect_abs)
+            variance = as_float(row.variance_abs)
             if tau is None or effect is None or counts.get(row.treatment, 0) < min_users_per_arm:
                 continue
-            treatment_frame = sub[sub["variant"] == row.treatment]
-            variance = effect_variance(
-                _SPECS[key[0]], str(row.method), control_frame, treatment_frame
-            )
-            if not variance > 0:
+            if variance is None or not variance > 0:
                 continue
             halfwidth = float(confidence_sequence_halfwidth(variance, tau, alpha))
             methods[key] = str(row.method)
@@ -168,6 +114,6 @@ def cumulative_series(
             points=points[(m, t)],
         )
         for (m, t), tau in taus.items()
-        if tau is not None and points[(m, t)]
+        if points[(m, t)]
     ]
     return series, traffic

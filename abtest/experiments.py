@@ -22,6 +22,11 @@ the holdout percent a multiple of 0.01, and every variant must get at least one 
 
 Only one layer may serve models (its variants set ``model``); other layers carry ``params`` only,
 and a param key may be set by one layer only, so the layers a user is in never disagree.
+
+A salt with a character beyond U+FFFF is refused: GrowthBook's SDKs disagree on how to hash it
+(``abtest.splitter``). An experiment's optional ``sequential`` block fixes the readout's
+sequential τ once (``abtest.sequential_looks``): from ``horizon_users_per_arm``, or a stated
+``tau`` per metric; the readout refuses a change mid-experiment.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ __all__ = [
     "ExperimentsConfig",
     "HoldoutConfig",
     "LayerConfig",
+    "SequentialConfig",
     "TargetingConfig",
     "VariantConfig",
     "experiments_from_dict",
@@ -93,7 +99,14 @@ def _salt(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("the salt must be valid UTF-8 text (it is hashed as UTF-8)") from None
+        raise ValueError("the salt must be valid Unicode text (no lone surrogates)") from None
+    beyond = sorted({c for c in value if ord(c) > 0xFFFF})
+    if beyond:
+        raise ValueError(
+            f"the salt contains {', '.join(f'U+{ord(c):X}' for c in beyond)}: GrowthBook's SDKs "
+            "hash characters beyond U+FFFF differently, so no assignment would match theirs; "
+            "use characters up to U+FFFF"
+        )
     return value
 
 
@@ -152,6 +165,16 @@ class LayerConfig(_Config):
     salt: Salt
 
 
+class SequentialConfig(_Config):
+    """How the readout's sequential test fixes τ (see the module docstring); set before start."""
+
+    horizon_users_per_arm: Annotated[int, Field(strict=True, ge=2)] = 10_000
+    min_users_per_arm: Annotated[int, Field(strict=True, ge=2)] = 100
+    tau: dict[SafeName, Annotated[float, Field(strict=False, gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict
+    )
+
+
 class VariantConfig(_Config):
     name: SafeName
     weight: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
@@ -190,6 +213,7 @@ class ExperimentConfig(_Config):
     stop: AwareDatetime | None = None
     targeting: TargetingConfig | None = None
     description: Annotated[str, Field(strict=True, max_length=2000)] = ""
+    sequential: SequentialConfig = Field(default_factory=SequentialConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

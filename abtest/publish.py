@@ -19,6 +19,11 @@ is one. A broken truth file is logged and left out: it never stops the snapshot.
 Guardrails: a guardrail metric of the readout (request latency, error rate) is breached when the
 treatment is worse at p < alpha; the p99 request latency is breached when a treatment's exceeds
 the control's by more than ``p99_tolerance`` (20 % by default).
+
+The sequential test: each publish is one look. The states of the previous look (τ fixed once per
+metric × treatment, the running minimum of the p-value) are read back from the experiment's last
+snapshot and advanced (``abtest.sequential_looks``), so they survive restarts of the publisher; a
+plan that would change τ mid-experiment fails that experiment's publish with the reason.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,7 +46,9 @@ from abtest.freshness import freshness_point, freshness_series
 from abtest.ground_truth import GroundTruth, read_ground_truth
 from abtest.metrics import ExperimentMetrics, user_metrics
 from abtest.pipeline_health import pipeline_health
-from abtest.readout import Readout, readout_from_metrics
+from abtest.plans import ExperimentPlan, experiment_plans
+from abtest.readout import Readout, experiment_names, readout_from_metrics
+from abtest.sequential_looks import SequentialState
 from abtest.snapshot import (
     PIPELINE_FILE,
     SNAPSHOT_SCHEMA_VERSION,
@@ -54,15 +61,13 @@ from abtest.snapshot import (
     SrmCheck,
     VariantTraffic,
     clean_floats,
+    previous_sequential_states,
     read_pipeline_snapshot,
     snapshot_filename,
     write_json_atomic,
 )
 from hymirec.errors import DataError
 from hymirec.settings import Settings
-
-if TYPE_CHECKING:
-    from abtest.experiments import ExperimentsConfig
 
 __all__ = [
     "TRAINING_POLICY",
@@ -88,13 +93,6 @@ TRAINING_POLICY = (
 )
 
 # The freshness series in _pipeline.json keeps the last 24 hours, at most this many points.
-
-_EXPERIMENTS_SQL = """
-SELECT DISTINCT toString(assumeNotNull(experiment)) AS experiment
-FROM events FINAL
-PREWHERE event_type = 'impression' AND experiment IS NOT NULL AND variant IS NOT NULL
-ORDER BY experiment
-"""
 
 _GUARDRAIL_COLUMNS = ["variant", "requests", "latency_requests", "latency_p50_ms", "latency_p99_ms"]
 _GUARDRAIL_COLUMNS += ["errors"]
@@ -139,22 +137,6 @@ ORDER BY variant
 """
 
 
-@dataclass(frozen=True)
-class ExperimentPlan:
-    """What the configuration says about an experiment, when known: weights and the control."""
-
-    weights: Mapping[str, float] | None = None
-    control: str | None = None
-
-
-def experiment_plans(config: ExperimentsConfig) -> dict[str, ExperimentPlan]:
-    """Each configured experiment's plan: its variants' weights; its first variant is control."""
-    return {
-        e.name: ExperimentPlan({v.name: v.weight for v in e.variants}, control=e.variants[0].name)
-        for e in config.experiments
-    }
-
-
 @dataclass
 class PublishReport:
     """What one publish wrote, and which experiments failed (name -> error)."""
@@ -163,13 +145,6 @@ class PublishReport:
     failed: dict[str, str] = field(default_factory=dict)
     pipeline: PipelineSnapshot | None = None
     seconds: float = 0.0
-
-
-def experiment_names(client: Client) -> list[str]:
-    """Experiments with at least one tagged impression, sorted (none on an empty database)."""
-    frame = query_df(client, _EXPERIMENTS_SQL)
-    # clickhouse-connect returns an empty result as a frame without columns.
-    return [] if frame.empty else [str(e) for e in frame["experiment"]]
 
 
 def request_guardrails(client: Client, experiment: str) -> pd.DataFrame:
@@ -309,16 +284,25 @@ def build_snapshot(
     notes: str | None = None,
     now_ms: int | None = None,
     ground_truth: GroundTruth | None = None,
+    previous: Sequence[SequentialState] = (),
 ) -> ExperimentSnapshot:
     """The snapshot of one experiment from its per-user metrics and request guardrails (pure).
 
     A planned control with no exposed users yet gives a snapshot without effects; its traffic and
     SRM check still show (an arm with no users is itself a sample-ratio mismatch).
-    ``ground_truth`` is the simulator's, when the experiment runs in a simulation.
+    ``ground_truth`` is the simulator's, when the experiment runs in a simulation; ``previous``
+    the sequential states of the last snapshot (this publish is the next look).
     """
     plan = plan or ExperimentPlan()
     readout = readout_from_metrics(
-        metrics, plan.control, plan.weights, alpha, notes=notes, require_control=False
+        metrics,
+        plan.control,
+        plan.weights,
+        alpha,
+        notes=notes,
+        sequential=plan.sequential,
+        previous=previous,
+        require_control=False,
     )
     effects = _effect_rows(readout)
     series, traffic = cumulative_series(
@@ -344,6 +328,8 @@ def build_snapshot(
         training_policy=training_policy,
         notes=notes,
         ground_truth=ground_truth,
+        bayes_prior=readout.prior,
+        sequential=list(readout.sequential),
     )
 
 
@@ -377,6 +363,7 @@ def publish_readouts(
     report = PublishReport()
     for name in sorted(set(experiment_names(client)) | set(plans)):
         try:
+            previous = previous_sequential_states(out_dir, name)
             metrics = user_metrics(client, name, pre_days=settings.cuped_pre_days)
             snapshot = build_snapshot(
                 metrics,
@@ -384,6 +371,7 @@ def publish_readouts(
                 plan=plans.get(name),
                 now_ms=now_ms,
                 ground_truth=experiment_ground_truth(settings, name),
+                previous=previous,
                 **snapshot_options,
             )
             path = out_dir / snapshot_filename(name)

@@ -11,6 +11,11 @@ The models below are the schema (``SNAPSHOT_SCHEMA_VERSION``); both sides valida
 ``ground_truth`` is optional: only a closed-loop simulation knows the truth (``abtest.ground_truth``
 records and reads it), and files written before it existed still validate; so is the pipeline's
 ``freshness`` series (files written before it read as an empty series).
+
+An experiment snapshot also carries the state of its sequential test (``sequential``: per
+metric × treatment, the fixed τ, the running minimum of the p-value and the confidence
+sequence; ``abtest.sequential_looks``): the publisher reads it back at its next look, so the
+running minimum survives restarts (``previous_sequential_states``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from abtest.sequential_looks import SequentialState
+from abtest.snapshot_truth import GroundTruth, TruthPoint, VariantTruth
 from hymirec.errors import DataError
 
 __all__ = [
@@ -50,6 +57,7 @@ __all__ = [
     "VariantTraffic",
     "VariantTruth",
     "clean_floats",
+    "previous_sequential_states",
     "read_experiment_snapshot",
     "read_pipeline_snapshot",
     "snapshot_filename",
@@ -91,7 +99,11 @@ class SrmCheck(_Frozen):
 
 
 class EffectRow(_Frozen):
-    """One metric × treatment row of the readout (``abtest.readout.READOUT_COLUMNS``)."""
+    """One metric × treatment row of the readout (``abtest.readout.READOUT_COLUMNS``).
+
+    ``p_value`` is on the scale named by ``p_scale`` ("relative": it tests the lift and agrees with
+    ``ci_rel_*``; "absolute": it tests the difference and agrees with ``ci_abs_*``).
+    """
 
     metric: str
     guardrail: bool
@@ -110,6 +122,9 @@ class EffectRow(_Frozen):
     ci_rel_low: float | None
     ci_rel_high: float | None
     p_value: float | None
+    p_scale: Literal["relative", "absolute"] | None = None
+    p_value_abs: float | None = None
+    variance_abs: float | None = None
     p_holm: float | None
     p_bh: float | None
     chance_to_win: float | None
@@ -163,7 +178,8 @@ class CumulativePoint(_Frozen):
 
 
 class CumulativeSeries(_Frozen):
-    """The cumulative absolute effect of one metric × treatment, with its mSPRT sequence (τ)."""
+    """The cumulative absolute effect of one metric × treatment, with its mSPRT sequence at the
+    readout's fixed τ (the ``SequentialState``'s)."""
 
     metric: str
     treatment: str
@@ -179,85 +195,6 @@ class TrafficPoint(_Frozen):
     ts_ms: int
     variant: str
     users: int
-
-
-class VariantTruth(_Frozen):
-    """A variant's served lists: the simulator's exact expected clicks beside the clicks made.
-
-    ``expected_clicks`` sums, over the lists, the expected clicks of the list for its user under
-    the simulated response model; like gbstats' sufficient statistics, two of these add up.
-    """
-
-    variant: str
-    requests: int = Field(ge=0)
-    impressions: int = Field(ge=0)
-    expected_clicks: float = Field(ge=0)
-    clicks: int = Field(ge=0)
-
-    @property
-    def expected_ctr(self) -> float | None:
-        """Exact expected clicks per impression (None without impressions)."""
-        return self.expected_clicks / self.impressions if self.impressions else None
-
-    @property
-    def ctr(self) -> float | None:
-        """Observed clicks per impression of the same lists (None without impressions)."""
-        return self.clicks / self.impressions if self.impressions else None
-
-    def plus(self, other: VariantTruth) -> VariantTruth:
-        """The sums of both (the variant name is this one's)."""
-        return VariantTruth(
-            variant=self.variant,
-            requests=self.requests + other.requests,
-            impressions=self.impressions + other.impressions,
-            expected_clicks=self.expected_clicks + other.expected_clicks,
-            clicks=self.clicks + other.clicks,
-        )
-
-
-class TruthPoint(VariantTruth):
-    """One variant's lists served in the wall-clock minute that starts at ``minute_start_ms``."""
-
-    minute_start_ms: int
-
-
-class GroundTruth(_Frozen):
-    """The closed-loop simulator's truth about one experiment, per variant and minute.
-
-    ``source`` says what the truth is. A real deployment has none; the readout is judged
-    against it in a simulation (DESIGN.md: its interval should cover ``true_lift``).
-    """
-
-    experiment: str
-    generated_at_ms: int
-    source: str
-    points: list[TruthPoint]
-
-    @property
-    def totals(self) -> dict[str, VariantTruth]:
-        """Per variant, the sums over all its minutes."""
-        totals: dict[str, VariantTruth] = {}
-        for point in self.points:
-            before = totals.get(point.variant)
-            totals[point.variant] = (
-                VariantTruth(**point.model_dump(exclude={"minute_start_ms"}))
-                if before is None
-                else before.plus(point)
-            )
-        return totals
-
-    def true_lift(self, control: str, treatment: str) -> float | None:
-        """Treatment's expected CTR over control's, minus one: the lift the readout should find.
-
-        None when either arm has no impressions or control's expected CTR is zero.
-        """
-        totals = self.totals
-        if control not in totals or treatment not in totals:
-            return None
-        base, other = totals[control].expected_ctr, totals[treatment].expected_ctr
-        if base is None or other is None or base == 0:
-            return None
-        return other / base - 1.0
 
 
 class ExperimentSnapshot(_Frozen):
@@ -281,6 +218,8 @@ class ExperimentSnapshot(_Frozen):
     training_policy: str
     notes: str | None
     ground_truth: GroundTruth | None = None
+    bayes_prior: str | None = None
+    sequential: list[SequentialState] = Field(default_factory=list)
 
 
 class ConsumerLag(_Frozen):
@@ -412,6 +351,16 @@ def read_experiment_snapshot(path: Path) -> ExperimentSnapshot:
         return ExperimentSnapshot.model_validate(_read(path))
     except ValidationError as exc:
         raise DataError(f"snapshot {path.name} is malformed: {_problems(exc)}") from exc
+
+
+def previous_sequential_states(folder: Path, experiment: str) -> list[SequentialState]:
+    """The sequential states in ``experiment``'s snapshot in ``folder``; none when there is no
+    snapshot yet. An unreadable snapshot raises DataError: starting the sequence again would
+    silently forget its running minimum (delete the file to start over on purpose)."""
+    path = folder / snapshot_filename(experiment)
+    if not path.exists():
+        return []
+    return list(read_experiment_snapshot(path).sequential)
 
 
 def read_pipeline_snapshot(path: Path) -> PipelineSnapshot:

@@ -2,13 +2,19 @@
 
 The hash is GrowthBook's hashing v2 (``hash_v2`` below; its SDK conformance cases are in the tests):
 
-    fnv1a32(b)            = 32-bit FNV-1a over bytes b (offset basis 0x811c9dc5, prime 0x01000193)
+    fnv1a32(s)            = 32-bit FNV-1a over the UTF-16 code units of s (offset basis
+                            0x811c9dc5, prime 0x01000193), each unit XORed in whole
     bucket(seed, user_id) = fnv1a32(str(fnv1a32(seed + str(user_id)))) mod 10000
 
-with strings as UTF-8 and ``str(user_id)`` the decimal digits; ``bucket / 10000`` is GrowthBook's
-``hash(seed, value, 2)``. The outer hash of the inner hash's decimal text mixes the last input
-bytes into every output bit (plain FNV-1a leaves sequential ids correlated across seeds). For one
-user, in this order (see ``abtest.experiments`` for the config):
+with ``str(user_id)`` the decimal digits; ``bucket / 10000`` is GrowthBook's ``hash(seed, value,
+2)``. Code units, not UTF-8 bytes, because that is what the SDKs hash: the JavaScript SDK XORs
+``str.charCodeAt(i)`` (a UTF-16 code unit, up to 0xFFFF) and the Python SDK ``ord(ch)``; for ASCII
+both equal the bytes, but for the salt "sé" and user 1 UTF-8 bytes would give bucket 0.1719 where
+every SDK gives 0.992. The two SDKs agree on every character up to U+FFFF; beyond it (surrogate
+pairs in UTF-16) they differ, which is why ``abtest.experiments`` refuses such salts. The outer
+hash of the inner hash's decimal text mixes the last input units into every output bit (plain
+FNV-1a leaves sequential ids correlated across seeds). For one user, in this order (see
+``abtest.experiments`` for the config):
 
 1. holdout: ``bucket(holdout.salt, u) < percent * 100`` → held out of every experiment;
 2. each layer: ``bucket(layer.salt, u)`` falls in at most one experiment's ``range`` (in buckets);
@@ -23,7 +29,9 @@ not here: an assignment that is never served is never logged.
 
 from __future__ import annotations
 
+import sys
 import time
+from array import array
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +55,7 @@ __all__ = [
     "hash_v2",
     "user_bucket",
     "user_buckets",
+    "utf16_units",
 ]
 
 FNV_OFFSET = 0x811C9DC5
@@ -55,23 +64,39 @@ _MASK32 = 0xFFFFFFFF
 _POW10 = np.array([10**k for k in range(20)], dtype=np.uint64)  # uint64 holds up to 10**19
 
 
-def fnv1a32(data: bytes, state: int = FNV_OFFSET) -> int:
-    """32-bit FNV-1a (Fowler–Noll–Vo), continuing from ``state``."""
-    for byte in data:
-        state = ((state ^ byte) * FNV_PRIME) & _MASK32
+def utf16_units(text: str) -> array[int]:
+    """The UTF-16 code units of ``text`` (JavaScript's ``charCodeAt`` over the string)."""
+    units = array("H", text.encode("utf-16-le", "surrogatepass"))
+    if sys.byteorder == "big":  # array reads native order; the bytes are little-endian
+        units.byteswap()
+    return units
+
+
+def fnv1a32(data: str | bytes, state: int = FNV_OFFSET) -> int:
+    """32-bit FNV-1a (Fowler–Noll–Vo), continuing from ``state``.
+
+    A str is hashed unit by unit over its UTF-16 code units, as GrowthBook's SDKs do; bytes byte
+    by byte (the textbook FNV-1a; the two agree on ASCII).
+    """
+    units = utf16_units(data) if isinstance(data, str) else data
+    for unit in units:
+        state = ((state ^ unit) * FNV_PRIME) & _MASK32
     return state
 
 
 def hash_v2(seed: str, value: str) -> float:
     """GrowthBook's ``hash(seed, value, 2)`` in ``[0, 1)``, at a resolution of 1/10000."""
-    inner = fnv1a32((seed + value).encode("utf-8"))
-    return (fnv1a32(str(inner).encode("ascii")) % BUCKETS) / BUCKETS
+    return user_hash(seed + value) / BUCKETS
+
+
+def user_hash(text: str) -> int:
+    """``fnv1a32(str(fnv1a32(text))) mod BUCKETS``, the v2 bucket of an already joined text."""
+    return fnv1a32(str(fnv1a32(text))) % BUCKETS
 
 
 def user_bucket(seed: str, user_id: int) -> int:
     """``bucket(seed, user_id)`` in ``[0, BUCKETS)``: one user, plain Python (the reference)."""
-    inner = fnv1a32(f"{seed}{user_id}".encode())
-    return fnv1a32(str(inner).encode("ascii")) % BUCKETS
+    return user_hash(f"{seed}{user_id}")
 
 
 def _fnv_decimal(state: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> Any:
@@ -90,7 +115,7 @@ def _fnv_decimal(state: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) 
 def user_buckets(seed: str, user_ids: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
     """``bucket(seed, u)`` for every id of a non-negative integer array (vectorised)."""
     ids = np.asarray(user_ids).astype(np.uint64)
-    seeded = np.full(ids.shape, fnv1a32(seed.encode("utf-8")), dtype=np.uint64)
+    seeded = np.full(ids.shape, fnv1a32(seed), dtype=np.uint64)
     inner = _fnv_decimal(seeded, ids)
     outer = _fnv_decimal(np.full(ids.shape, FNV_OFFSET, dtype=np.uint64), inner)
     return np.asarray(outer % np.uint64(BUCKETS), dtype=np.int64)

@@ -86,8 +86,17 @@ def show_traffic(snap: ExperimentSnapshot) -> None:
         right.altair_chart(charts.traffic_over_time_chart(traffic), width="stretch")
 
 
+def _shown_interval(row: pd.Series) -> str:
+    """The interval on the scale of the row's p-value (the lift's, or the difference's)."""
+    if row["p_scale"] == "absolute":
+        return f"abs [{_num(row['ci_abs_low'])}, {_num(row['ci_abs_high'])}]"
+    return f"[{_pct(row['ci_rel_low'], '+.1%')}, {_pct(row['ci_rel_high'], '+.1%')}]"
+
+
 def show_effects(snap: ExperimentSnapshot, effects: pd.DataFrame) -> None:
     st.subheader("Effects")
+    if "p_scale" not in effects:  # a snapshot written before the column existed
+        effects = effects.assign(p_scale="relative")
     table = pd.DataFrame(
         {
             "metric": effects["metric"]
@@ -97,10 +106,7 @@ def show_effects(snap: ExperimentSnapshot, effects: pd.DataFrame) -> None:
             "control": effects["control_mean"].map(_num),
             "treatment mean": effects["treatment_mean"].map(_num),
             "lift": effects["effect_rel"].map(_pct),
-            f"{1 - snap.alpha:.0%} CI": [
-                f"[{_pct(lo, '+.1%')}, {_pct(hi, '+.1%')}]"
-                for lo, hi in zip(effects["ci_rel_low"], effects["ci_rel_high"], strict=True)
-            ],
+            f"{1 - snap.alpha:.0%} CI": [_shown_interval(r) for _, r in effects.iterrows()],
             "p": effects["p_value"].map(lambda p: _num(p, ".4f")),
             "p Holm": effects["p_holm"].map(lambda p: _num(p, ".4f")),
             "p BH": effects["p_bh"].map(lambda p: _num(p, ".4f")),
@@ -110,21 +116,43 @@ def show_effects(snap: ExperimentSnapshot, effects: pd.DataFrame) -> None:
     )
     st.dataframe(table, hide_index=True, width="stretch")
     st.caption(
-        "Lift = effect / control mean with a delta-method interval. Holm controls the family-wise "
-        "error, Benjamini-Hochberg the false discovery rate, over all rows. The sequential p-value "
-        "(mSPRT) stays valid however often you look."
+        "Lift = effect / control mean with a delta-method interval; p tests the lift with the "
+        "same standard error (GrowthBook's convention), so p < α exactly when the interval "
+        "excludes 0. Rows marked 'abs' (a zero control mean) test and show the absolute "
+        "difference. Holm controls the family-wise error, Benjamini-Hochberg the false discovery "
+        "rate, over all rows. " + sequential_note(snap)
     )
     if effects["effect_rel"].notna().any():
         st.altair_chart(charts.forest_chart(effects), width="stretch")
 
 
-def show_bayes(effects: pd.DataFrame) -> None:
+def sequential_note(snap: ExperimentSnapshot) -> str:
+    """What the sequential p-value is and how its τ was fixed (from the snapshot's states)."""
+    note = (
+        "The sequential p-value (mSPRT, running minimum over the publisher's looks) stays valid "
+        "however often you look"
+    )
+    states = snap.sequential
+    if not states:
+        return note + "; its τ is fixed once enough users have arrived."
+    looks = max(s.looks for s in states)
+    horizon = next((s.horizon_users_per_arm for s in states if s.horizon_users_per_arm), None)
+    basis = (
+        f"tuned to the planned horizon of {horizon:,} users per arm"
+        if horizon
+        else "stated in the experiments file"
+    )
+    return f"{note}: τ fixed once per metric, {basis}; {looks} look(s) so far."
+
+
+def show_bayes(snap: ExperimentSnapshot, effects: pd.DataFrame) -> None:
     st.subheader("Bayesian view")
     if effects["chance_to_win"].notna().any():
         st.altair_chart(charts.bayes_chart(effects), width="stretch")
+    prior = snap.bayes_prior or "a prior not recorded in this snapshot"
     st.caption(
         "Chance to beat control: the posterior probability that the treatment is better (lower, "
-        "for latency and errors), normal approximation with a N(0, 0.3²) prior on the lift."
+        f"for latency and errors), normal approximation on the lift, with a {prior}."
     )
 
 
@@ -174,7 +202,8 @@ def show_cumulative(snap: ExperimentSnapshot) -> None:
     st.caption(
         f"Orange: fixed-horizon {1 - series.alpha:.0%} CI, valid for one look decided in advance. "
         "Blue: the always-valid confidence sequence (mSPRT normal mixture, "
-        f"τ = {series.tau:.3g}), valid at every look at once. Users are added by first exposure."
+        f"τ = {series.tau:.3g}, the same fixed τ as the table's sequential p-value), valid at "
+        "every look at once. Users are added by first exposure."
     )
 
 
@@ -210,7 +239,7 @@ def show_experiment(snap: ExperimentSnapshot, settings: Settings) -> None:
         st.info("No treatment with exposed users to compare yet.")
     else:
         show_effects(snap, effects)
-        show_bayes(effects)
+        show_bayes(snap, effects)
     show_ground_truth(snap)
     show_cumulative(snap)
     show_guardrails(snap)

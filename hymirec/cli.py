@@ -149,6 +149,8 @@ def _readout(settings: Settings, args: argparse.Namespace) -> int:
         control=args.control or plan.control,
         weights=plan.weights,
         notes=args.notes,
+        sequential=plan.sequential,
+        configured=plans,
     )
     print(format_readout(readout))
     return 0

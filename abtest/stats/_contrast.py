@@ -12,11 +12,13 @@ import math
 from dataclasses import dataclass
 
 from abtest.stats.result import Interval, Message, Method, TestResult
+from abtest.stats.statistics import RegressionAdjustedStatistic
 
 __all__ = [
     "Contrast",
     "arm_check",
     "check_alpha",
+    "cuped_contrast",
     "degenerate_result",
     "zero_variance_result",
 ]
@@ -92,8 +94,10 @@ class Contrast:
         alpha: float,
         n_control: int,
         n_treatment: int,
+        p_value_rel: float | None = None,
+        tau: float | None = None,
     ) -> TestResult:
-        """A TestResult from this contrast, given the p-value and the interval half-widths."""
+        """A TestResult from this contrast, given the p-values and the interval half-widths."""
         rel = self.relative()
         ci_rel: Interval | None = None
         if rel is not None and halfwidth_rel is not None:
@@ -112,7 +116,35 @@ class Contrast:
             n_control=n_control,
             n_treatment=n_treatment,
             message=message,
+            p_value_rel=None if rel is None else p_value_rel,
+            variance_abs=self.variance,
+            tau=tau,
         )
+
+
+def cuped_contrast(
+    control: RegressionAdjustedStatistic, treatment: RegressionAdjustedStatistic
+) -> tuple[Contrast, float, float]:
+    """CUPED's contrast of y − θx (Deng et al. 2013), θ estimated on the pooled arms.
+
+    Returns the contrast and the adjusted variances of the two arm means (V_c, V_t), which the
+    Welch–Satterthwaite degrees of freedom need. The effect is (ȳ_t − ȳ_c) − θ(x̄_t − x̄_c); the
+    means are the raw ones, and Cov(effect, ȳ_c) = −(σ²_y,c − θσ_xy,c)/n_c for the relative lift.
+    Both arms need n ≥ 1.
+    """
+    nc, nt = control.n, treatment.n
+    theta = (control + treatment).theta
+    vc, vt = control.adjusted_variance(theta) / nc, treatment.adjusted_variance(theta) / nt
+    mean_c, mean_t = control.post.mean, treatment.post.mean
+    contrast = Contrast(
+        control_mean=mean_c,
+        treatment_mean=mean_t,
+        effect=(mean_t - mean_c) - theta * (treatment.pre.mean - control.pre.mean),
+        variance=vc + vt,
+        control_variance=control.post.variance / nc,
+        covariance=-(control.post.variance - theta * control.covariance) / nc,
+    )
+    return contrast, vc, vt
 
 
 def degenerate_result(

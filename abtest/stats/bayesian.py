@@ -12,6 +12,12 @@ N(μ, s²) of the effect X:
 
 (Stucchio 2015, "Bayesian A/B Testing at VWO", for the loss). Higher is taken as better; for a
 metric where lower is better, read chance_to_win as the chance to lose.
+
+The default prior is flat (improper), GrowthBook's default: the posterior is then the likelihood
+itself and chance to win = Φ(lift / se(lift)), one minus the one-sided p-value of the frequentist
+lift test. ``NormalPrior`` is an optional informative prior. CUPED-adjusted arms
+(``RegressionAdjustedStatistic``) give the posterior of the CUPED effect, the same estimator as
+``cuped_ttest``.
 """
 
 from __future__ import annotations
@@ -21,21 +27,31 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from abtest.stats._contrast import Contrast, check_alpha
+from abtest.stats._contrast import Contrast, check_alpha, cuped_contrast
 from abtest.stats.result import BayesianResult, DifferenceType, Message
-from abtest.stats.statistics import ProportionStatistic, RatioStatistic, SampleMeanStatistic
+from abtest.stats.statistics import (
+    ProportionStatistic,
+    RatioStatistic,
+    RegressionAdjustedStatistic,
+    SampleMeanStatistic,
+)
 
-__all__ = ["NormalPrior", "bayesian_normal_test"]
+__all__ = ["FLAT_PRIOR", "NormalPrior", "bayesian_normal_test", "describe_prior"]
 
-ArmStatistic = SampleMeanStatistic | ProportionStatistic | RatioStatistic
+ArmStatistic = (
+    SampleMeanStatistic | ProportionStatistic | RatioStatistic | RegressionAdjustedStatistic
+)
+
+FLAT_PRIOR = "flat (improper) prior, GrowthBook's default: the posterior is the likelihood"
 
 
 @dataclass(frozen=True)
 class NormalPrior:
-    """A normal prior N(mean, sd²) on the effect, in the units of the chosen ``difference``.
+    """An informative normal prior N(mean, sd²) on the effect, in the units of ``difference``.
 
-    The default, N(0, 0.3²) on the relative lift, is GrowthBook's weakly informative prior: lifts
-    beyond ±60 % are a priori unlikely. Pass ``prior=None`` for a flat (improper) prior.
+    Not the default: GrowthBook's default prior is flat (``prior=None`` here). N(0, 0.3²) on the
+    relative lift is what GrowthBook offers when its proper prior is switched on; it says lifts
+    beyond ±60 % are a priori unlikely and shrinks small, noisy experiments towards no effect.
     """
 
     mean: float = 0.0
@@ -44,6 +60,14 @@ class NormalPrior:
     def __post_init__(self) -> None:
         if not self.sd > 0 or not math.isfinite(self.sd):
             raise ValueError(f"prior sd must be positive and finite, got {self.sd}")
+
+
+def describe_prior(prior: NormalPrior | None, difference: DifferenceType = "relative") -> str:
+    """A sentence naming the prior, for readouts and the dashboard."""
+    if prior is None:
+        return FLAT_PRIOR
+    on = "the relative lift" if difference == "relative" else "the absolute effect"
+    return f"normal prior N({prior.mean:g}, {prior.sd:g}²) on {on} (informative; not flat)"
 
 
 def _degenerate(
@@ -71,6 +95,21 @@ def _degenerate(
     )
 
 
+def _contrast(control: ArmStatistic, treatment: ArmStatistic) -> Contrast:
+    if isinstance(control, RegressionAdjustedStatistic) or isinstance(
+        treatment, RegressionAdjustedStatistic
+    ):
+        if not (
+            isinstance(control, RegressionAdjustedStatistic)
+            and isinstance(treatment, RegressionAdjustedStatistic)
+        ):
+            raise TypeError("CUPED needs a RegressionAdjustedStatistic for both arms")
+        return cuped_contrast(control, treatment)[0]
+    return Contrast.independent(
+        control.mean, control.variance / control.n, treatment.mean, treatment.variance / treatment.n
+    )
+
+
 def bayesian_normal_test(
     control: ArmStatistic,
     treatment: ArmStatistic,
@@ -81,7 +120,8 @@ def bayesian_normal_test(
 ) -> BayesianResult:
     """Posterior of the treatment effect, chance to win, expected losses and a credible interval.
 
-    The credible interval is the central 1 − alpha interval of the posterior.
+    The credible interval is the central 1 − alpha interval of the posterior. ``prior=None`` (the
+    default) is the flat prior; the result's ``prior`` field names the one used.
     """
     check_alpha(alpha)
     nc, nt = control.n, treatment.n
@@ -93,9 +133,7 @@ def bayesian_normal_test(
         ratio_arms = [s for s in (control, treatment) if isinstance(s, RatioStatistic)]
         if any(s.d_sum == 0 for s in ratio_arms):
             return _degenerate("zero_denominator", difference, alpha, control, treatment)
-    contrast = Contrast.independent(
-        control.mean, control.variance / nc, treatment.mean, treatment.variance / nt
-    )
+    contrast = _contrast(control, treatment)
     if difference == "absolute":
         estimate, variance = contrast.effect, contrast.variance
     else:
@@ -129,4 +167,5 @@ def bayesian_normal_test(
         alpha=alpha,
         n_control=nc,
         n_treatment=nt,
+        prior=describe_prior(prior, difference),
     )

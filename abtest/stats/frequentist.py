@@ -12,8 +12,15 @@ Method in Metric Analytics"). This is GrowthBook's convention (gbstats
 ``frequentist_variance_relative``), chosen over tea-tasting's log scale so that the absolute and
 relative readouts share one critical value and one linearisation. The interval is symmetric and
 can cross −100 %; it is accurate when the control mean is many standard errors from zero.
-``p_value`` always tests effect_abs = 0, so it agrees with ``ci_abs``; ``ci_rel`` is a different
-linearisation and can disagree with it at the boundary.
+Each scale has its own p-value, computed with the interval of that scale: ``p_value`` tests
+effect_abs = 0 with ``ci_abs``'s standard error, ``p_value_rel`` tests lift = 0 with ``ci_rel``'s
+delta-method standard error and the same critical value (GrowthBook's ``TwoSidedTTest``, which
+tests the lift). The two linearisations can disagree near the boundary, so a readout shows each
+p-value beside its own interval: ``abtest.readout`` shows the lift, ``ci_rel`` and ``p_value_rel``.
+
+Means and ratios use Student's t with Welch–Satterthwaite degrees of freedom on the two arms'
+variances (the delta-method variance for a ratio, as GrowthBook's ``TTest.dof``), so small
+experiments are not liberal; proportions use the normal (z) test.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from abtest.stats._contrast import (
     Contrast,
     arm_check,
     check_alpha,
+    cuped_contrast,
     degenerate_result,
     zero_variance_result,
 )
@@ -54,7 +62,7 @@ def _t_result(
 ) -> TestResult:
     crit = float(stats.t.ppf(1.0 - alpha / 2.0, df))
     p_value = float(2.0 * stats.t.sf(abs(contrast.effect) / contrast.se, df))
-    return _with_intervals(contrast, method, p_value, crit, alpha, nc, nt)
+    return _with_intervals(contrast, method, p_value, crit, alpha, nc, nt, df=df)
 
 
 def _z_result(
@@ -62,21 +70,40 @@ def _z_result(
 ) -> TestResult:
     crit = float(stats.norm.ppf(1.0 - alpha / 2.0))
     p_value = float(2.0 * stats.norm.sf(abs(z)))
-    return _with_intervals(contrast, method, p_value, crit, alpha, nc, nt)
+    return _with_intervals(contrast, method, p_value, crit, alpha, nc, nt, df=None)
 
 
 def _with_intervals(
-    contrast: Contrast, method: Method, p_value: float, crit: float, alpha: float, nc: int, nt: int
+    contrast: Contrast,
+    method: Method,
+    p_value: float,
+    crit: float,
+    alpha: float,
+    nc: int,
+    nt: int,
+    *,
+    df: float | None,
 ) -> TestResult:
+    """The result with both intervals, and the lift's p-value from the lift's own interval:
+    2·P(T > |lift| / se(lift)) with T ~ t(df), or normal when ``df`` is None."""
     rel = contrast.relative()
+    halfwidth_rel = p_value_rel = None
+    if rel is not None:
+        se_rel = math.sqrt(rel[1])
+        halfwidth_rel = crit * se_rel
+        if se_rel > 0:
+            z_rel = abs(rel[0]) / se_rel
+            tail = stats.norm.sf(z_rel) if df is None else stats.t.sf(z_rel, df)
+            p_value_rel = float(2.0 * tail)
     return contrast.result(
         method,
         p_value=p_value,
         halfwidth_abs=crit * contrast.se,
-        halfwidth_rel=None if rel is None else crit * math.sqrt(rel[1]),
+        halfwidth_rel=halfwidth_rel,
         alpha=alpha,
         n_control=nc,
         n_treatment=nt,
+        p_value_rel=p_value_rel,
     )
 
 
@@ -103,11 +130,14 @@ def welch_ttest(
 def two_proportion_ztest(
     control: ProportionStatistic, treatment: ProportionStatistic, *, alpha: float = 0.05
 ) -> TestResult:
-    """Two-sample z-test for a difference in proportions.
+    """Two-sample Wald z-test for a difference in proportions.
 
-    The p-value uses the pooled standard error under H0, sqrt(p̄(1 − p̄)(1/n_c + 1/n_t)), as
-    ``statsmodels.stats.proportion.proportions_ztest`` does; the intervals use the unpooled (Wald)
-    standard error sqrt(p_t(1 − p_t)/n_t + p_c(1 − p_c)/n_c), which does not assume H0.
+    z = (p̂_t − p̂_c) / sqrt(p̂_t(1 − p̂_t)/n_t + p̂_c(1 − p̂_c)/n_c): the unpooled standard error, as
+    GrowthBook uses and as ``statsmodels.stats.proportion.test_proportions_2indep(method="wald")``.
+    The p-value and both intervals share that one standard error, so each p-value agrees with its
+    interval (the textbook pooled z-test's p-value does not agree with the Wald interval at the
+    boundary). ``abtest.stats.power``'s proportion functions describe the pooled test, whose power
+    is within a point of this one's at the sizes of online experiments.
     """
     check_alpha(alpha)
     nc, nt = control.n, treatment.n
@@ -117,20 +147,21 @@ def two_proportion_ztest(
     contrast = Contrast.independent(
         control.mean, control.variance / nc, treatment.mean, treatment.variance / nt
     )
-    pooled = (control.sum + treatment.sum) / (nc + nt)
-    se_null = math.sqrt(pooled * (1.0 - pooled) * (1.0 / nc + 1.0 / nt))
-    if se_null == 0:
+    if contrast.variance == 0:
         return zero_variance_result("two_proportion_z", contrast, alpha, nc, nt)
-    return _z_result(contrast, "two_proportion_z", contrast.effect / se_null, alpha, nc, nt)
+    return _z_result(contrast, "two_proportion_z", contrast.effect / contrast.se, alpha, nc, nt)
 
 
 def delta_method_ratio_test(
     control: RatioStatistic, treatment: RatioStatistic, *, alpha: float = 0.05
 ) -> TestResult:
-    """z-test on the difference of two ratio metrics R = Σm / Σd (e.g. clicks per impression).
+    """t-test on the difference of two ratio metrics R = Σm / Σd (e.g. clicks per impression).
 
     Each arm's Var(R̂) is the delta-method variance of a ratio of means (Deng, Knoblich, Lu 2018):
     (σ²_m − 2Rσ_md + R²σ²_d) / (n μ_d²). The arms are independent, so Var(R̂_t − R̂_c) is the sum.
+    The reference distribution is t with Welch–Satterthwaite degrees of freedom on the two arms'
+    Var(R̂), as for the other mean tests (GrowthBook's ``TTest.dof``); with d ≡ 1 this is exactly
+    Welch's test on m.
     """
     check_alpha(alpha)
     nc, nt = control.n, treatment.n
@@ -141,12 +172,11 @@ def delta_method_ratio_test(
         return degenerate_result(
             "delta_ratio", "zero_denominator", alpha=alpha, n_control=nc, n_treatment=nt
         )
-    contrast = Contrast.independent(
-        control.mean, control.variance / nc, treatment.mean, treatment.variance / nt
-    )
+    vc, vt = control.variance / nc, treatment.variance / nt
+    contrast = Contrast.independent(control.mean, vc, treatment.mean, vt)
     if contrast.variance == 0:
         return zero_variance_result("delta_ratio", contrast, alpha, nc, nt)
-    return _z_result(contrast, "delta_ratio", contrast.effect / contrast.se, alpha, nc, nt)
+    return _t_result(contrast, "delta_ratio", welch_satterthwaite_df(vc, nc, vt, nt), alpha, nc, nt)
 
 
 def cuped_ttest(
@@ -165,20 +195,10 @@ def cuped_ttest(
     """
     check_alpha(alpha)
     nc, nt = control.n, treatment.n
-    mean_c, mean_t = control.post.mean, treatment.post.mean
-    early = arm_check("cuped_t", alpha, nc, nt, mean_c, mean_t, min_n=2)
+    early = arm_check("cuped_t", alpha, nc, nt, control.post.mean, treatment.post.mean, min_n=2)
     if early is not None:
         return early
-    theta = (control + treatment).theta
-    vc, vt = control.adjusted_variance(theta) / nc, treatment.adjusted_variance(theta) / nt
-    contrast = Contrast(
-        control_mean=mean_c,
-        treatment_mean=mean_t,
-        effect=(mean_t - mean_c) - theta * (treatment.pre.mean - control.pre.mean),
-        variance=vc + vt,
-        control_variance=control.post.variance / nc,
-        covariance=-(control.post.variance - theta * control.covariance) / nc,
-    )
+    contrast, vc, vt = cuped_contrast(control, treatment)
     if contrast.variance == 0:
         return zero_variance_result("cuped_t", contrast, alpha, nc, nt)
     return _t_result(contrast, "cuped_t", welch_satterthwaite_df(vc, nc, vt, nt), alpha, nc, nt)

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from hymirec.errors import DataError
+from abtest.stats.errors import StatsDataError
 
 __all__ = ["AdjustmentMethod", "adjust_p_values", "benjamini_hochberg", "holm"]
 
@@ -23,9 +23,9 @@ AdjustmentMethod = Literal["holm", "benjamini_hochberg"]
 def _p_array(p_values: ArrayLike) -> NDArray[np.float64]:
     p = np.asarray(p_values, dtype=np.float64)
     if p.ndim != 1:
-        raise DataError(f"p_values must be one-dimensional, got shape {p.shape}")
+        raise StatsDataError(f"p_values must be one-dimensional, got shape {p.shape}")
     if not np.all((p >= 0.0) & (p <= 1.0)):
-        raise DataError("p_values must lie in [0, 1] (and not be NaN)")
+        raise StatsDataError("p_values must lie in [0, 1] (and not be NaN)")
     return p
 
 

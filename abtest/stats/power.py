@@ -5,10 +5,12 @@ noncentrality λ = δ / (σ·sqrt(2/n)). ``distribution="t"`` uses the noncentra
 degrees of freedom (as ``statsmodels.stats.power.TTestIndPower``); ``"normal"`` the z-test (as
 ``NormalIndPower``). Power counts both rejection tails: P(T > c) + P(T < −c).
 
-Proportions: the pooled two-proportion z-test (``two_proportion_ztest``), whose statistic has sd
-sqrt(2p̄(1 − p̄)) under H0 and sqrt(p_c(1 − p_c) + p_t(1 − p_t)) under H1 (Fleiss, Levin, Paik 2003,
-"Statistical Methods for Rates and Proportions"; as statsmodels ``power_proportions_2indep``):
-power = Φ((|Δ|√n − z·sd₀)/sd₁) + Φ((−|Δ|√n − z·sd₀)/sd₁).
+Proportions: the pooled two-proportion z-test, whose statistic has sd sqrt(2p̄(1 − p̄)) under H0
+and sqrt(p_c(1 − p_c) + p_t(1 − p_t)) under H1 (Fleiss, Levin, Paik 2003, "Statistical Methods
+for Rates and Proportions"; as statsmodels ``power_proportions_2indep``):
+power = Φ((|Δ|√n − z·sd₀)/sd₁) + Φ((−|Δ|√n − z·sd₀)/sd₁). The engine's ``two_proportion_ztest``
+is the unpooled (Wald) test, whose power differs from this by well under a point at the sizes
+of online experiments (the seeded calibration test checks it against simulation).
 
 MDE and sample size invert these power functions numerically (Brent's method), so the three
 functions of each family agree exactly; sample sizes are rounded up to whole units.

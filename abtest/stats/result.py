@@ -43,9 +43,15 @@ class TestResult:
     """Treatment versus control for one metric.
 
     ``effect_abs`` is treatment − control (for CUPED, the variance-reduced difference, while the two
-    means are the raw ones). ``effect_rel`` is effect_abs / control_mean and ``ci_rel`` its interval
-    by the delta method on that ratio, the project's one convention for relative effects (see
-    ``abtest.stats.frequentist``). ``p_value`` tests effect_abs = 0 and agrees with ``ci_abs``.
+    means are the raw ones) and ``variance_abs`` its estimated variance. ``effect_rel`` is
+    effect_abs / control_mean and ``ci_rel`` its interval by the delta method on that ratio, the
+    project's one convention for relative effects (see ``abtest.stats.frequentist``).
+
+    Each p-value agrees with the interval on its own scale: ``p_value`` tests effect_abs = 0 and
+    is below alpha exactly when ``ci_abs`` excludes 0; ``p_value_rel`` tests effect_rel = 0 with
+    the same delta-method standard error and critical value as ``ci_rel`` (GrowthBook's test on
+    the lift), so it is below alpha exactly when ``ci_rel`` excludes 0. ``tau`` is the mSPRT
+    mixing parameter of a sequential result (None for fixed-horizon tests).
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -65,11 +71,19 @@ class TestResult:
     metric: str | None = None
     control_name: str | None = None
     treatment_name: str | None = None
+    p_value_rel: float | None = None
+    variance_abs: float | None = None
+    tau: float | None = None
 
     @property
     def significant(self) -> bool:
         """p_value < alpha; False whenever the p-value is undefined."""
         return self.p_value is not None and self.p_value < self.alpha
+
+    @property
+    def significant_rel(self) -> bool:
+        """p_value_rel < alpha (``ci_rel`` excludes 0); False when it is undefined."""
+        return self.p_value_rel is not None and self.p_value_rel < self.alpha
 
     def with_labels(
         self,
@@ -83,8 +97,11 @@ class TestResult:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready fields (intervals as two-element lists) plus ``significant``."""
-        return _plain(self) | {"significant": self.significant}
+        """Plain, JSON-ready fields (intervals as two-element lists) plus the significance flags."""
+        return _plain(self) | {
+            "significant": self.significant,
+            "significant_rel": self.significant_rel,
+        }
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,7 @@ class BayesianResult:
     ``effect`` is the posterior mean of the absolute or relative difference (``difference``),
     ``credible_interval`` its central 1 − alpha interval, ``chance_to_win`` P(effect > 0), and the
     expected losses E[max(0, −effect)] for shipping treatment and E[max(0, effect)] for keeping
-    control, in the units of ``difference``.
+    control, in the units of ``difference``. ``prior`` names the prior the posterior used.
     """
 
     method: Literal["bayesian_normal"]
@@ -114,6 +131,7 @@ class BayesianResult:
     metric: str | None = None
     control_name: str | None = None
     treatment_name: str | None = None
+    prior: str | None = None
 
     def with_labels(
         self,

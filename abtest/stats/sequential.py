@@ -13,11 +13,16 @@ asymptotically, as in the paper).
 
 The tuning parameter τ (``tau``, in the metric's absolute units) sets where the sequence is
 tightest: the half-width at variance V is smallest when τ² = u·V with u = 2 ln(1/α) + ln(1 + u).
-``msprt_tau`` returns that τ for a planned horizon (sd and units per arm); too small a τ wastes
-power on late looks, too large a τ on early ones, but power is flat over a wide range around it.
-With τ² = ρ²σ² and V = σ²/t this boundary is exactly the asymptotic confidence sequence of
-Waudby-Smith et al. 2023 (Howard et al. 2021's normal mixture) that Eppo uses, so one
-implementation serves both.
+**τ must be fixed before the looks it covers** and stay fixed: the running minimum of 1/Λ is a
+valid p-value for one τ only. Re-tuning τ to the current sample at every look turns the test into
+a fixed |z| threshold (≈ 3 at α = 0.05) whose false-positive rate grows without bound with the
+number of looks. ``msprt_tau`` returns τ for a planned horizon (sd and units per arm);
+``msprt_tau_at_horizon`` the same from the estimator's variance at an early look (V ∝ 1/n);
+``msprt_look`` carries the running minimum and refuses a τ that differs from the previous look's,
+as does ``msprt_test(previous=...)``. Too small a τ wastes power on late looks, too large a τ on
+early ones, but power is flat over a wide range around the optimum. With τ² = ρ²σ² and V = σ²/t
+this boundary is exactly the asymptotic confidence sequence of Waudby-Smith et al. 2023 (Howard et
+al. 2021's normal mixture) that Eppo uses, so one implementation serves both.
 
 Relative effects follow the project convention (delta method on effect / control mean) with the
 same boundary at τ_rel = τ/|c| — an approximation, as in GrowthBook's sequential readouts.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -36,10 +42,13 @@ from abtest.stats.result import Interval, TestResult
 from abtest.stats.statistics import ProportionStatistic, SampleMeanStatistic
 
 __all__ = [
+    "SequentialLook",
     "always_valid_p_values",
     "confidence_sequence_halfwidth",
     "log_mixture_likelihood_ratio",
+    "msprt_look",
     "msprt_tau",
+    "msprt_tau_at_horizon",
     "msprt_test",
 ]
 
@@ -88,23 +97,106 @@ def confidence_sequence_halfwidth(
     return out
 
 
+def _optimal_u(alpha: float) -> float:
+    """The fixed point of u = 2 ln(1/α) + ln(1 + u) (a contraction: ln(1 + u) has slope < 1)."""
+    two_log = -2.0 * math.log(alpha)
+    u = two_log
+    for _ in range(100):
+        u_next = two_log + math.log1p(u)
+        if abs(u_next - u) < 1e-12:
+            break
+        u = u_next
+    return u
+
+
 def msprt_tau(sd: float, n_per_arm: float, *, alpha: float = 0.05) -> float:
     """τ that makes the confidence sequence tightest when each arm has ``n_per_arm`` units.
 
     V* = 2sd²/n; τ² = u·V* with u the fixed point of u = 2 ln(1/α) + ln(1 + u). (Howard et al.
     2021's closed form ρ² ∝ −2 ln α + ln(1 − 2 ln α) is the first iterate of this fixed point.)
+    Call it once, with the planned horizon, not at every look (see the module docstring).
     """
     check_alpha(alpha)
     if not sd > 0 or not n_per_arm > 0:
         raise ValueError(f"sd and n_per_arm must be > 0, got sd={sd}, n_per_arm={n_per_arm}")
-    two_log = -2.0 * math.log(alpha)
-    u = two_log
-    for _ in range(100):  # a contraction: the slope of ln(1 + u) is below 1
-        u_next = two_log + math.log1p(u)
-        if abs(u_next - u) < 1e-12:
-            break
-        u = u_next
-    return math.sqrt(u * 2.0 * sd * sd / n_per_arm)
+    return math.sqrt(_optimal_u(alpha) * 2.0 * sd * sd / n_per_arm)
+
+
+def msprt_tau_at_horizon(
+    variance: float, n_per_arm: float, horizon_per_arm: float, *, alpha: float = 0.05
+) -> float:
+    """τ tightest at ``horizon_per_arm`` units per arm, from the estimator's variance now.
+
+    The variance of a difference of means falls as 1/n, so at the horizon it is
+    V_h = V·n/N_h and τ² = u·V_h (as ``msprt_tau``). ``variance`` is Var(effect) at this look with
+    ``n_per_arm`` units per arm (the mean of the two arms' counts).
+    """
+    check_alpha(alpha)
+    if not variance > 0 or not math.isfinite(variance):
+        raise ValueError(f"variance must be positive and finite, got {variance}")
+    if not n_per_arm > 0 or not horizon_per_arm > 0:
+        raise ValueError(
+            f"n_per_arm and horizon_per_arm must be > 0, got {n_per_arm} and {horizon_per_arm}"
+        )
+    return math.sqrt(_optimal_u(alpha) * variance * n_per_arm / horizon_per_arm)
+
+
+@dataclass(frozen=True)
+class SequentialLook:
+    """An mSPRT after ``looks`` looks at one τ: the running minimum of 1/Λ (the always-valid
+    p-value) and the running intersection of the confidence sequences, in absolute units."""
+
+    tau: float
+    alpha: float
+    looks: int
+    p_value: float
+    cs: Interval
+
+
+def _same_tau(previous_tau: float | None, tau: float) -> None:
+    if previous_tau is None or not math.isclose(previous_tau, tau, rel_tol=1e-12, abs_tol=0.0):
+        raise ValueError(
+            f"tau changed between looks (previous {previous_tau!r}, now {tau!r}): the running "
+            "minimum is an always-valid p-value for one fixed tau only; keep the experiment's "
+            "tau, or start a new experiment"
+        )
+
+
+def msprt_look(
+    effect: float,
+    variance: float,
+    *,
+    tau: float,
+    alpha: float = 0.05,
+    previous: SequentialLook | None = None,
+) -> SequentialLook:
+    """One more look at cumulative data: ``effect`` and its ``variance`` (> 0) now.
+
+    The p-value is min(previous, 1/Λ) and the sequence the intersection with this look's
+    effect ± halfwidth (an empty intersection, an α-probability event, keeps this look's).
+    A ``previous`` look with another τ or α is refused with ValueError.
+    """
+    _check_tau(tau)
+    check_alpha(alpha)
+    if previous is not None:
+        _same_tau(previous.tau, tau)
+        if previous.alpha != alpha:
+            raise ValueError(f"alpha changed between looks ({previous.alpha} -> {alpha})")
+    if not variance > 0 or not math.isfinite(variance) or not math.isfinite(effect):
+        raise ValueError(f"a look needs a finite effect and a positive variance, got {variance}")
+    log_lr = float(log_mixture_likelihood_ratio(effect, variance, tau))
+    p_value = math.exp(-max(log_lr, 0.0))
+    half = float(confidence_sequence_halfwidth(variance, tau, alpha))
+    cs: Interval = (effect - half, effect + half)
+    if previous is None:
+        return SequentialLook(tau, alpha, 1, p_value, cs)
+    return SequentialLook(
+        tau,
+        alpha,
+        previous.looks + 1,
+        min(p_value, previous.p_value),
+        _intersect(previous.cs, cs),
+    )
 
 
 def _intersect(a: Interval | None, b: Interval) -> Interval:
@@ -128,21 +220,24 @@ def msprt_test(
 
     Pass the result of the previous look as ``previous`` to carry the running minimum of the
     p-value and the running intersection of the confidence sequences; without it the result is
-    valid for this look alone. Looks may be taken as often as wanted.
+    valid for this look alone. Looks may be taken as often as wanted, all with the same ``tau``:
+    a ``previous`` result with another τ (or α) is refused with ValueError.
     """
     _check_tau(tau)
     check_alpha(alpha)
     if previous is not None and (previous.method != "msprt" or previous.alpha != alpha):
         raise ValueError("previous must be an msprt_test result with the same alpha")
+    if previous is not None:
+        _same_tau(previous.tau, tau)
     nc, nt = control.n, treatment.n
     early = arm_check("msprt", alpha, nc, nt, control.mean, treatment.mean, min_n=2)
     if early is not None:
-        return early
+        return dataclasses.replace(early, tau=tau)
     contrast = Contrast.independent(
         control.mean, control.variance / nc, treatment.mean, treatment.variance / nt
     )
     if contrast.variance == 0:
-        return zero_variance_result("msprt", contrast, alpha, nc, nt)
+        return dataclasses.replace(zero_variance_result("msprt", contrast, alpha, nc, nt), tau=tau)
 
     log_lr = float(log_mixture_likelihood_ratio(contrast.effect, contrast.variance, tau))
     p_value = math.exp(-max(log_lr, 0.0))
@@ -160,6 +255,7 @@ def msprt_test(
         alpha=alpha,
         n_control=nc,
         n_treatment=nt,
+        tau=tau,
     )
     if previous is None or result.ci_abs is None:
         return result

@@ -14,7 +14,7 @@ from typing import Literal
 
 from scipy import stats
 
-from hymirec.errors import DataError
+from abtest.stats.errors import StatsDataError
 
 __all__ = ["SRM_THRESHOLD", "SrmResult", "srm_test"]
 
@@ -47,12 +47,12 @@ def srm_test(
 ) -> SrmResult:
     """Chi-square test of the observed units per arm against the configured traffic weights."""
     if len(observed) != len(weights) or len(observed) < 2:
-        raise DataError(
+        raise StatsDataError(
             f"srm_test needs one count per weight and at least two arms, got {len(observed)} "
             f"counts and {len(weights)} weights"
         )
     if any(o < 0 for o in observed) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise DataError("counts and weights must be >= 0, and some weight must be positive")
+        raise StatsDataError("counts and weights must be >= 0, and some weight must be positive")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     counts = tuple(int(o) for o in observed)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from hymirec.errors import DataError
+from abtest.stats.errors import StatsDataError
 
 __all__ = [
     "ZERO_VARIANCE_RTOL",
@@ -38,15 +38,17 @@ ZERO_VARIANCE_RTOL = 1e-10
 def _as_1d(values: ArrayLike, name: str) -> NDArray[np.float64]:
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1:
-        raise DataError(f"{name} must be one-dimensional per-unit values, got shape {arr.shape}")
+        raise StatsDataError(
+            f"{name} must be one-dimensional per-unit values, got shape {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
-        raise DataError(f"{name} contains NaN or infinite values; drop or impute them first")
+        raise StatsDataError(f"{name} contains NaN or infinite values; drop or impute them first")
     return arr
 
 
 def _check_count(n: int, name: str = "n") -> None:
     if n < 0:
-        raise DataError(f"{name} must be a count >= 0, got {n}")
+        raise StatsDataError(f"{name} must be a count >= 0, got {n}")
 
 
 def _centred_squares(n: int, total: float, total_squares: float) -> float:
@@ -79,7 +81,7 @@ class SampleMeanStatistic:
     def __post_init__(self) -> None:
         _check_count(self.n)
         if self.sum_squares < 0:
-            raise DataError(f"sum_squares must be >= 0, got {self.sum_squares}")
+            raise StatsDataError(f"sum_squares must be >= 0, got {self.sum_squares}")
 
     @classmethod
     def from_array(cls, values: ArrayLike) -> SampleMeanStatistic:
@@ -116,13 +118,15 @@ class ProportionStatistic:
     def __post_init__(self) -> None:
         _check_count(self.n)
         if not 0 <= self.sum <= self.n:
-            raise DataError(f"sum (successes) must lie in [0, n={self.n}], got {self.sum}")
+            raise StatsDataError(f"sum (successes) must lie in [0, n={self.n}], got {self.sum}")
 
     @classmethod
     def from_array(cls, values: ArrayLike) -> ProportionStatistic:
         x = _as_1d(values, "values")
         if not np.all((x == 0.0) | (x == 1.0)):
-            raise DataError("a proportion needs 0/1 values; use SampleMeanStatistic for others")
+            raise StatsDataError(
+                "a proportion needs 0/1 values; use SampleMeanStatistic for others"
+            )
         return cls(n=int(x.size), sum=int(x.sum()))
 
     def __add__(self, other: ProportionStatistic) -> ProportionStatistic:
@@ -162,14 +166,16 @@ class RatioStatistic:
     def __post_init__(self) -> None:
         _check_count(self.n)
         if self.m_sum_squares < 0 or self.d_sum_squares < 0:
-            raise DataError("m_sum_squares and d_sum_squares must be >= 0")
+            raise StatsDataError("m_sum_squares and d_sum_squares must be >= 0")
 
     @classmethod
     def from_arrays(cls, numerator: ArrayLike, denominator: ArrayLike) -> RatioStatistic:
         m = _as_1d(numerator, "numerator")
         d = _as_1d(denominator, "denominator")
         if m.shape != d.shape:
-            raise DataError(f"numerator and denominator differ in length: {m.size} != {d.size}")
+            raise StatsDataError(
+                f"numerator and denominator differ in length: {m.size} != {d.size}"
+            )
         return cls(
             n=int(m.size),
             m_sum=float(m.sum()),
@@ -245,14 +251,14 @@ class RegressionAdjustedStatistic:
     def __post_init__(self) -> None:
         _check_count(self.n)
         if self.post_sum_squares < 0 or self.pre_sum_squares < 0:
-            raise DataError("post_sum_squares and pre_sum_squares must be >= 0")
+            raise StatsDataError("post_sum_squares and pre_sum_squares must be >= 0")
 
     @classmethod
     def from_arrays(cls, post: ArrayLike, pre: ArrayLike) -> RegressionAdjustedStatistic:
         y = _as_1d(post, "post")
         x = _as_1d(pre, "pre")
         if y.shape != x.shape:
-            raise DataError(f"post and pre differ in length: {y.size} != {x.size}")
+            raise StatsDataError(f"post and pre differ in length: {y.size} != {x.size}")
         return cls(
             n=int(y.size),
             post_sum=float(y.sum()),
@@ -271,6 +277,11 @@ class RegressionAdjustedStatistic:
             pre_sum_squares=self.pre_sum_squares + other.pre_sum_squares,
             post_pre_sum_of_products=self.post_pre_sum_of_products + other.post_pre_sum_of_products,
         )
+
+    @property
+    def mean(self) -> float:
+        """The raw post-period mean ȳ (what a readout shows; the effect is CUPED-adjusted)."""
+        return self.post.mean
 
     @property
     def post(self) -> SampleMeanStatistic:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from clickhouse_connect.driver.client import Client
+from scipy import optimize
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
@@ -30,7 +31,6 @@ from abtest.readout import (
     readout_from_metrics,
 )
 from abtest.stats import (
-    NormalPrior,
     ProportionStatistic,
     RatioStatistic,
     RegressionAdjustedStatistic,
@@ -38,7 +38,6 @@ from abtest.stats import (
     bayesian_normal_test,
     cuped_ttest,
     delta_method_ratio_test,
-    msprt_tau,
     two_proportion_ztest,
     welch_ttest,
 )
@@ -222,15 +221,20 @@ def test_readout_matches_abtest_stats_on_independently_computed_arrays(
         row = table.loc[metric]
         assert row.method == result.method, metric
         assert (row.n_control, row.n_treatment) == (result.n_control, result.n_treatment)
-        for field in ("control_mean", "treatment_mean", "effect_abs", "effect_rel", "p_value"):
+        for field in ("control_mean", "treatment_mean", "effect_abs", "effect_rel"):
             assert row[field] == pytest.approx(getattr(result, field), rel=1e-9), (metric, field)
+        # The table's p tests the lift it shows; the absolute test's p is kept beside it.
+        assert row.p_scale == "relative"
+        assert row.p_value == pytest.approx(result.p_value_rel, rel=1e-9), metric
+        assert row.p_value_abs == pytest.approx(result.p_value, rel=1e-9), metric
         assert (row.ci_abs_low, row.ci_abs_high) == pytest.approx(result.ci_abs, rel=1e-9)
         assert (row.ci_rel_low, row.ci_rel_high) == pytest.approx(result.ci_rel, rel=1e-9)
+        assert (row.p_value < 0.05) == (row.ci_rel_low > 0 or row.ci_rel_high < 0), metric
 
     # Welch's p-value once more, from scipy itself.
     gc, gt = arms(ref, "genres_consumed")
     scipy_p = sps.ttest_ind(gt, gc, equal_var=False).pvalue
-    assert table.loc["genres_consumed", "p_value"] == pytest.approx(scipy_p, rel=1e-9)
+    assert table.loc["genres_consumed", "p_value_abs"] == pytest.approx(scipy_p, rel=1e-9)
     # The click lift is real (x1.3 click probability) and CUPED sees it.
     assert table.loc["clicks_per_user", "p_value"] < 0.05
 
@@ -253,38 +257,68 @@ def test_adjusted_p_values_srm_bayes_and_sequential_columns(
     assert readout.srm.p_value == pytest.approx(srm_p, rel=1e-9)
     assert readout.srm.chi2 == pytest.approx(chi2, rel=1e-9)
 
-    # Bayesian columns (GrowthBook's prior on the relative lift): higher is better for CTR;
-    # lower is better for latency, so its chance to win and loss are flipped.
+    # Bayesian columns, flat prior (GrowthBook's default): the posterior of the lift is
+    # N(lift, se²), so chance to win = Φ(lift / se). Higher is better for CTR; lower is better for
+    # latency, so its chance to win and loss are flipped.
     by_metric = table.set_index("metric")
     ctr = bayesian_normal_test(
         *(
             RatioStatistic.from_arrays(m, d)
             for m, d in zip(arms(ref, "clicks"), arms(ref, "impressions"), strict=True)
         ),
-        prior=NormalPrior(mean=0.0, sd=0.3),
     )
     assert by_metric.loc["ctr", "chance_to_win"] == pytest.approx(ctr.chance_to_win, rel=1e-9)
     assert by_metric.loc["ctr", "expected_loss"] == pytest.approx(ctr.expected_loss_treatment)
+    assert readout.prior.startswith("flat")
     lat = bayesian_normal_test(
         *(
             RatioStatistic.from_arrays(m, d)
             for m, d in zip(arms(ref, "latency_ms_sum"), arms(ref, "latency_requests"), strict=True)
         ),
-        prior=NormalPrior(mean=0.0, sd=0.3),
     )
     assert lat.chance_to_win is not None
     assert by_metric.loc["latency_ms", "chance_to_win"] == pytest.approx(1 - lat.chance_to_win)
     assert by_metric.loc["latency_ms", "expected_loss"] == pytest.approx(lat.expected_loss_control)
 
+    # CUPED everywhere: clicks' Bayesian and sequential columns use the CUPED estimator, written
+    # out here (Deng et al. 2013; the lift's variance by the delta method).
+    (yc, yt), (xc, xt) = arms(ref, "clicks"), arms(ref, "pre_positive_events")
+    cuped = cuped_by_hand(yc, xc, yt, xt)
+    assert by_metric.loc["clicks_per_user", "chance_to_win"] == pytest.approx(
+        sps.norm.cdf(cuped["lift"] / math.sqrt(cuped["var_lift"])), rel=1e-9
+    )
+    assert by_metric.loc["clicks_per_user", "variance_abs"] == pytest.approx(cuped["var"], rel=1e-9)
+
     # mSPRT written out (Johari et al. 2017): p = min(1, 1/Λ) with
-    # Λ = sqrt(V/(V+τ²))·exp(Δ²τ²/(2V(V+τ²))).
-    for metric, column in (("clicks_per_user", "clicks"), ("genres_consumed", "genres_consumed")):
-        c, t = arms(ref, column)
-        v = c.var(ddof=1) / c.size + t.var(ddof=1) / t.size
-        tau = msprt_tau(math.sqrt((c.var(ddof=1) + t.var(ddof=1)) / 2), (c.size + t.size) / 2)
-        delta = t.mean() - c.mean()
+    # Λ = sqrt(V/(V+τ²))·exp(Δ²τ²/(2V(V+τ²))), τ fixed at this first look from the planned
+    # horizon (10,000 users per arm): τ² = u·V·n/N, u = 2 ln(1/α) + ln(1 + u).
+    u = optimize.brentq(lambda u: u - 2 * math.log(20) - math.log1p(u), 1.0, 100.0)
+    gc, gt = arms(ref, "genres_consumed")
+    welch = (gt.mean() - gc.mean(), gc.var(ddof=1) / gc.size + gt.var(ddof=1) / gt.size)
+    for metric, (delta, v) in (
+        ("clicks_per_user", (cuped["effect"], cuped["var"])),
+        ("genres_consumed", welch),
+    ):
+        tau = math.sqrt(u * v * (yc.size + yt.size) / 2 / 10_000)
         lam = math.sqrt(v / (v + tau**2)) * math.exp(delta**2 * tau**2 / (2 * v * (v + tau**2)))
         assert by_metric.loc[metric, "p_sequential"] == pytest.approx(min(1.0, 1 / lam), rel=1e-9)
+        state = next(s for s in readout.sequential if s.metric == metric)
+        assert (state.tau, state.tau_source, state.looks) == (pytest.approx(tau), "horizon", 1)
+
+
+def cuped_by_hand(
+    yc: np.ndarray, xc: np.ndarray, yt: np.ndarray, xt: np.ndarray
+) -> dict[str, float]:
+    """CUPED's effect, its variance, the lift and the lift's delta-method variance, from numpy."""
+    x, y = np.concatenate([xc, xt]), np.concatenate([yc, yt])
+    theta = np.cov(y, x)[0, 1] / x.var(ddof=1)
+    rc, rt = yc - theta * xc, yt - theta * xt
+    effect, c = rt.mean() - rc.mean(), yc.mean()
+    var = rc.var(ddof=1) / rc.size + rt.var(ddof=1) / rt.size
+    cov_effect_c = -np.cov(rc, yc)[0, 1] / yc.size
+    var_c = yc.var(ddof=1) / yc.size
+    var_lift = var / c**2 - 2 * effect * cov_effect_c / c**3 + effect**2 * var_c / c**4
+    return {"effect": effect, "var": var, "lift": effect / c, "var_lift": var_lift}
 
 
 def test_readout_through_settings_and_the_cli(

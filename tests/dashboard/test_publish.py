@@ -165,9 +165,15 @@ def test_confidence_sequence_inverts_the_msprt(published: Published) -> None:
     series = next(s for s in snap.cumulative if s.metric == "conversion")
     full = {v: g["converted"] for v, g in users.groupby("variant")}
     p = {v: x.mean() for v, x in full.items()}
-    sd = math.sqrt((p["control"] * (1 - p["control"]) + p["treatment"] * (1 - p["treatment"])) / 2)
-    tau = mixture_tau(sd, (full["control"].size + full["treatment"].size) / 2)
+    n = {v: x.size for v, x in full.items()}
+    # τ was fixed at this first publish (look) for the planned horizon of 10,000 users per arm:
+    # the Wald variance V now, scaled to the horizon (V ∝ 1/n), is 2sd²/N with sd² = V·n̄/2.
+    v_now = sum(p[a] * (1 - p[a]) / n[a] for a in ("control", "treatment"))
+    sd = math.sqrt(v_now * (n["control"] + n["treatment"]) / 2 / 2)
+    tau = mixture_tau(sd, 10_000)
     assert series.tau == pytest.approx(tau, rel=1e-9)
+    state = next(s for s in snap.sequential if s.metric == "conversion")
+    assert (state.tau, state.tau_source, state.looks) == (series.tau, "horizon", 1)
     assert len(series.points) >= 15
     for point in series.points:
         seen = users[users["first"] <= point.ts_ms]

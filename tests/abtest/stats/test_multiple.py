@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from statsmodels.stats.multitest import multipletests
 
 from abtest.stats import adjust_p_values, benjamini_hochberg, holm
-from hymirec.errors import DataError
+from abtest.stats.errors import StatsDataError
 
 p_lists = st.lists(
     st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.01, 0.04, 0.05, 1.0])),
@@ -63,5 +63,5 @@ def test_known_values_and_dispatch() -> None:
 
 @pytest.mark.parametrize("bad", [[0.5, 1.2], [float("nan")], [[0.1, 0.2]]])
 def test_rejects_invalid_p_values(bad: list[float]) -> None:
-    with pytest.raises(DataError, match="p_values"):
+    with pytest.raises(StatsDataError, match="p_values"):
         holm(bad)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from abtest.stats import SRM_THRESHOLD, srm_test
-from hymirec.errors import DataError
+from abtest.stats.errors import StatsDataError
 
 
 @given(
@@ -67,5 +67,5 @@ def test_srm_degenerate_cases() -> None:
 def test_srm_rejects_malformed_input(
     counts: list[int], weights: list[float], fragment: str
 ) -> None:
-    with pytest.raises(DataError, match=fragment):
+    with pytest.raises(StatsDataError, match=fragment):
         srm_test(counts, weights)

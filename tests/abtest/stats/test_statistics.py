@@ -13,7 +13,7 @@ from abtest.stats import (
     RegressionAdjustedStatistic,
     SampleMeanStatistic,
 )
-from hymirec.errors import DataError
+from abtest.stats.errors import StatsDataError
 
 values = st.lists(
     st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False),
@@ -135,7 +135,7 @@ def test_proportion_as_sample_mean() -> None:
     ],
 )
 def test_malformed_input_raises_data_error(build: object, fragment: str) -> None:
-    with pytest.raises(DataError, match=fragment):
+    with pytest.raises(StatsDataError, match=fragment):
         build()  # type: ignore[operator]
 
 
