@@ -52,12 +52,14 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=1024 * 1024, description="Largest record the clients move."
     )
     kafka_empty_fetch_backoff_ms: int = Field(
-        40,
+        500,
         ge=0,
         le=1000,
         description="Longest pause of a consumer after fetches that found no records "
         "(streaming/fetch_backoff.py): the embedded broker answers them at once, so an idle "
-        "consumer would spin; a record reaching an idle consumer waits up to about this long. "
+        "consumer would spin. A pause ends early when a producer on this host rings the "
+        "broker's doorbell (streaming/doorbell.py) after an acknowledgement; a record from a "
+        "producer that does not ring waits up to about this long. "
         "0: off, for a broker that waits server-side (Apache Kafka: docker/compose.yaml).",
     )
 

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sized
 from typing import Any
 
 from hymirec.errors import ConfigError
+from streaming.doorbell import DoorbellListener, doorbell_dir, register_ringer, ring
 
 __all__ = [
     "EmptyFetchBackoff",
@@ -72,6 +73,24 @@ class EmptyFetchBackoff:
             self.pause_s = min(self.cap_s, max(_FIRST_PAUSE_MS / 1000, 2 * self.pause_s))
         return self.pause_s
 
+    def rung(self) -> None:
+        """The doorbell rang: records are waiting, so the next pauses start again from 1 ms."""
+        self.pause_s = 0.0
+
+    def pause(self, seconds: float, listener: DoorbellListener | None) -> None:
+        """Sleep ``seconds``, or less if ``listener``'s doorbell rings meanwhile."""
+        if listener is None:
+            time.sleep(seconds)
+        elif listener.wait(seconds):
+            self.rung()
+
+    async def pause_async(self, seconds: float, listener: DoorbellListener | None) -> None:
+        """As :meth:`pause`, on the event loop."""
+        if listener is None:
+            await asyncio.sleep(seconds)
+        elif await listener.wait_async(seconds):
+            self.rung()
+
 
 # -- kafka-python (private API: see the module docstring) ----------------------------------------
 
@@ -79,10 +98,13 @@ _KAFKA_PYTHON_VERSION = "3.0.12"
 _kp_lock = threading.Lock()
 _kp_installed = False
 _kp_backoffs: weakref.WeakKeyDictionary[Any, EmptyFetchBackoff] = weakref.WeakKeyDictionary()
+_kp_listeners: weakref.WeakKeyDictionary[Any, DoorbellListener] = weakref.WeakKeyDictionary()
 
 
-def install_kafka_python_backoff(consumer: Any, cap_ms: float) -> None:
-    """Pause ``consumer`` (a kafka-python ``KafkaConsumer``) after empty fetches, up to ``cap_ms``.
+def install_kafka_python_backoff(consumer: Any, cap_ms: float, *, doorbell: bool = True) -> None:
+    """Pause ``consumer`` (a kafka-python ``KafkaConsumer``) after empty fetches, up to ``cap_ms``;
+    with ``doorbell``, a pause ends early when a producer of this host rings its broker's doorbell
+    (``streaming.doorbell``).
 
     With ``cap_ms`` 0, nothing is touched, whatever the kafka-python version. Otherwise wraps
     ``kafka.consumer.fetcher.Fetcher.fetch_records`` once per process (a consumer without a
@@ -98,6 +120,10 @@ def install_kafka_python_backoff(consumer: Any, cap_ms: float) -> None:
             _wrap_kafka_python_fetch()
             _kp_installed = True
     _kp_backoffs[consumer._fetcher] = backoff
+    if doorbell:
+        _kp_listeners[consumer._fetcher] = DoorbellListener(
+            doorbell_dir(consumer.config["bootstrap_servers"])
+        )
 
 
 def pause_after_fetch(
@@ -138,8 +164,8 @@ def _wrap_kafka_python_fetch() -> None:
         backoff = _kp_backoffs.get(self)
         if backoff is not None:
             pause_s = pause_after_fetch(backoff, records, idle, timeout_ms)
-            if pause_s > 0:
-                time.sleep(pause_s)  # the consumer's caller thread, inside its poll
+            if pause_s > 0:  # the consumer's caller thread, inside its poll
+                backoff.pause(pause_s, _kp_listeners.get(self))
         return records, idle
 
     Fetcher.fetch_records = fetch_records
@@ -149,12 +175,18 @@ def _wrap_kafka_python_fetch() -> None:
 
 _lock = threading.Lock()
 _cap_ms = 0.0  # the pauses' cap for every aiokafka consumer of this process; 0: none
+_doorbell = False  # aiokafka consumers wait on their broker's doorbell, producers ring it
 _installed = False
 _backoffs: weakref.WeakKeyDictionary[Any, EmptyFetchBackoff] = weakref.WeakKeyDictionary()
+_listeners: weakref.WeakKeyDictionary[Any, DoorbellListener] = weakref.WeakKeyDictionary()
 
 
-def install_aiokafka_backoff(cap_ms: float) -> None:
+def install_aiokafka_backoff(cap_ms: float, *, doorbell: bool = True) -> None:
     """Pause every aiokafka consumer of this process after empty fetches, up to ``cap_ms``.
+
+    With ``doorbell`` (and a cap above 0), each consumer's pause ends early when its broker's
+    doorbell rings (``streaming.doorbell``), and this process rings that doorbell whenever one of
+    its aiokafka producers has a batch acknowledged (``MessageBatch.done``, wrapped here too).
 
     Wraps aiokafka's ``Fetcher._proc_fetch_request`` once per process (idempotent, thread-safe);
     a later call only changes the cap, and 0 turns the pauses off. With 0 and no wrap yet,
@@ -162,13 +194,42 @@ def install_aiokafka_backoff(cap_ms: float) -> None:
     other than the one this was written for: check that its fetch loop still sends a node nothing
     while that node's fetch task runs, then update or drop the hook.
     """
-    global _cap_ms, _installed
+    global _cap_ms, _doorbell, _installed
     EmptyFetchBackoff(cap_ms)  # validates
     with _lock:
         if not _installed and cap_ms > 0:
             _wrap_aiokafka_fetch()
+            _wrap_aiokafka_batch_done()
             _installed = True
-        _cap_ms = cap_ms
+        _cap_ms, _doorbell = cap_ms, doorbell and cap_ms > 0
+
+
+def _aiokafka_listener(fetcher: Any) -> DoorbellListener | None:
+    """``fetcher``'s doorbell (made at its first pause), its broker's doorbell rung by this
+    process from then on; None with the doorbell off."""
+    if not _doorbell:
+        return None
+    listener = _listeners.get(fetcher)
+    if listener is None:
+        directory = doorbell_dir(fetcher._client._bootstrap_servers)
+        listener = _listeners[fetcher] = DoorbellListener(directory)
+        register_ringer(directory)
+    return listener
+
+
+def _wrap_aiokafka_batch_done() -> None:
+    from aiokafka.producer.message_accumulator import MessageBatch
+
+    original = MessageBatch.done
+
+    @functools.wraps(original)
+    def done(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        if _doorbell:
+            ring()  # the batch's records are on the broker: wake this host's idle consumers
+        return result
+
+    MessageBatch.done = done
 
 
 def _wrap_aiokafka_fetch() -> None:
@@ -195,8 +256,8 @@ def _wrap_aiokafka_fetch() -> None:
             backoff = _backoffs[self] = EmptyFetchBackoff(_cap_ms)
         pause_s = backoff.after_fetch(1 if added else 0)
         if pause_s:
-            try:
-                await asyncio.sleep(pause_s)  # the node stays in flight: no fetch meanwhile
+            try:  # the node stays in flight: no fetch meanwhile
+                await backoff.pause_async(pause_s, _aiokafka_listener(self))
             except asyncio.CancelledError:
                 return added  # unassigned or closing: as the original does when cancelled
         return added

@@ -20,6 +20,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from hymirec.errors import BrokerError, ConfigError
 from hymirec.settings import Settings
+from streaming.doorbell import doorbell_dir, register_ringer, ring
 from streaming.schema import Event
 
 __all__ = ["EventProducer", "ensure_topics", "event_key"]
@@ -125,6 +126,11 @@ class EventProducer:
         self._last_progress = time.monotonic()
         self._stalled_since: float | None = None
         self._blocking = False  # sends are waiting for room (logged once per episode)
+        # Idle consumers of this host wait on the broker's doorbell (streaming.doorbell): ring it
+        # at each acknowledgement (rate-limited), where the consumers pause between fetches.
+        self._ring = settings.kafka_empty_fetch_backoff_ms > 0
+        if self._ring:
+            register_ringer(doorbell_dir(settings.kafka_bootstrap))
 
     def send(self, event: Event) -> None:
         self.send_raw(event_key(event.user_id), event.to_json_bytes())
@@ -198,6 +204,8 @@ class EventProducer:
             now, stalled = time.monotonic(), self._stalled_since
             self._last_progress, self._stalled_since = now, None
             self._state.notify_all()
+        if self._ring:
+            ring()
         if stalled is not None:
             log.info(
                 "Kafka at %s acknowledges again after %.1f s without; %d records still buffered",

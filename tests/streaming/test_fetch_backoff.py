@@ -85,6 +85,7 @@ def test_records_reset_the_pause_and_nothing_to_fetch_adds_none() -> None:
 class FakeConsumer:
     def __init__(self) -> None:
         self._fetcher = type("FakeFetcher", (), {})()
+        self.config = {"bootstrap_servers": "127.0.0.1:9"}
 
 
 def test_a_cap_of_0_touches_nothing_and_another_version_is_refused(
