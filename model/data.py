@@ -107,12 +107,6 @@ class SequenceData:
             np.add.at(counts, self.training_part(user)[0], 1)
         return counts
 
-    def subset(self, users: int) -> SequenceData:
-        """The first ``users`` users (smoke runs and tests); the catalogue is unchanged."""
-        return SequenceData(
-            self.user_ids[:users], self.item_ids, self.items[:users], self.timestamps_s[:users]
-        )
-
 
 def load_movielens_sequences() -> SequenceData:
     """ML-100K from the installed recbole wheel, items indexed by sorted ``item_id``."""
