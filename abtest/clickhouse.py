@@ -6,17 +6,27 @@ exception is translated to :class:`~hymirec.errors.AnalyticsError` here. User in
 name, a variant) reaches SQL only as a bound parameter (``{name:Type}``), never as text.
 
 Deduplication. The sink is at-least-once, so an event can arrive more than once. ``events`` is a
-ReplacingMergeTree ordered by ``(user_id, event_id)``: copies of an event share that key (the user
-is part of the event) and collapse when parts merge. Merges happen at an unknown time, so every
-read of ``events`` uses ``FINAL``, which applies the same replacement at query time; a query is
-therefore exact right after an insert, before any merge. ``FINAL`` was chosen over
+ReplacingMergeTree ordered by ``(event_type, experiment, user_id, event_id)``: copies of an event
+share that key (they are identical) and collapse when parts merge. Merges happen at an unknown
+time, so every read of ``events`` uses ``FINAL``, which applies the same replacement at query time;
+a query is therefore exact right after an insert, before any merge. ``FINAL`` was chosen over
 ``LIMIT 1 BY event_id`` (a global sort or hash of all rows) and over ``uniqExact(event_id)``
 aggregates (which work for counts only, not for sums, minima or joins): it keeps the queries
 plain SQL, and it costs a merge of the sorted parts, not a global sort. ``ingested_at`` is the
-version column, so the newest copy wins; copies are identical anyway. The table is deliberately
+version column, so the newest copy wins; copies are identical anyway. The event type and the
+experiment lead the key so that a readout reads its experiment's impressions, its errors and the
+positive events as three key ranges, not every row of the table (schema version 2; version 1 was
+ordered by ``(user_id, event_id)`` and ``ensure_schema`` migrates it). The table is deliberately
 not partitioned: a monthly partition key makes ClickHouse refuse any insert block that spans more
 than 100 months (``max_partitions_per_insert_block``), so one batch of valid but far-apart
 timestamps would fail forever and stall the sink; partitions do not speed up these queries.
+
+``exposure_requests`` holds one row per (experiment, user, request id) of the tagged impressions,
+kept by a materialised view on every insert into ``events``: the earliest timestamp, the largest
+latency and the smallest and largest variant. Minima and maxima are the same however many copies
+of an impression arrive, so this table needs no deduplication of its own (reads use ``FINAL`` to
+combine the partial rows of unmerged parts), and a readout gets a user's distinct requests and
+each request's latency without grouping millions of impressions by a request id string.
 
 One process per chdb directory (measured with chdb 4.4.0, clickhouse-connect 1.12.0). The engine
 takes an exclusive lock on ``<dir>/status`` (which holds ``PID: n``) while any client in the process
@@ -36,10 +46,11 @@ same reason the deduplication is: copies differ only in ``ingested_at``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import clickhouse_connect
@@ -53,6 +64,7 @@ from streaming.schema import Event
 
 __all__ = [
     "EVENT_COLUMNS",
+    "SCHEMA_VERSION",
     "analytics_client",
     "chdb_owner_pid",
     "command",
@@ -81,9 +93,16 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 """The columns an insert supplies, in Event field order; ``ingested_at`` is filled by the table."""
 
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS events (
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+"""1: ``events`` ordered by (user_id, event_id). 2: ordered by (event_type, experiment, user_id,
+event_id), and the ``exposure_requests`` aggregate kept by a materialised view."""
+
+_EVENTS_KEY = "event_type, experiment, user_id, event_id"
+
+# The events table's columns; ``events_migrating`` (version 1 -> 2) is created with the same.
+_EVENTS_COLUMNS = """(
         event_id UUID,
         user_id UInt64,
         item_id Nullable(UInt64),
@@ -98,11 +117,15 @@ _SCHEMA = (
         latency_ms Nullable(Float64),
         schema_version UInt8,
         ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
-    )
+    )"""
+
+_EVENTS_ENGINE = f"""
     ENGINE = ReplacingMergeTree(ingested_at)
-    ORDER BY (user_id, event_id)
-    """,
-    """
+    ORDER BY ({_EVENTS_KEY})
+    SETTINGS allow_nullable_key = 1
+"""
+
+_ITEMS_SCHEMA = """
     CREATE TABLE IF NOT EXISTS items (
         item_id UInt64,
         title String,
@@ -112,8 +135,63 @@ _SCHEMA = (
     )
     ENGINE = ReplacingMergeTree(loaded_at)
     ORDER BY item_id
+"""
+
+# One row per (experiment, user, request id) of the exposures (tagged impressions), with only
+# aggregates that a redelivered copy cannot change (min, max): exact under at-least-once without
+# a FINAL over the impressions. A NULL request id is a key of its own, as in GROUP BY.
+_EXPOSURE_REQUESTS_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS exposure_requests (
+        experiment LowCardinality(String),
+        user_id UInt64,
+        request_id Nullable(String),
+        variant_min SimpleAggregateFunction(min, LowCardinality(String)),
+        variant_max SimpleAggregateFunction(max, LowCardinality(String)),
+        first_ts_ms SimpleAggregateFunction(min, Int64),
+        latency_ms SimpleAggregateFunction(max, Nullable(Float64))
+    )
+    ENGINE = AggregatingMergeTree
+    ORDER BY (experiment, user_id, request_id)
+    SETTINGS allow_nullable_key = 1
+    """,
+    """
+    CREATE MATERIALIZED VIEW IF NOT EXISTS exposure_requests_mv TO exposure_requests AS
+    SELECT
+        assumeNotNull(experiment) AS experiment,
+        user_id,
+        request_id,
+        assumeNotNull(variant) AS variant_min,
+        assumeNotNull(variant) AS variant_max,
+        ts_ms AS first_ts_ms,
+        latency_ms
+    FROM events
+    WHERE event_type = 'impression' AND experiment IS NOT NULL AND variant IS NOT NULL
     """,
 )
+
+_SCHEMA_VERSION_TABLE = """
+    CREATE TABLE IF NOT EXISTS schema_version (
+        version UInt32,
+        applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+    )
+    ENGINE = MergeTree
+    ORDER BY version
+"""
+
+_BACKFILL_EXPOSURE_REQUESTS = """
+    INSERT INTO exposure_requests
+    SELECT
+        assumeNotNull(experiment),
+        user_id,
+        request_id,
+        assumeNotNull(variant),
+        assumeNotNull(variant),
+        ts_ms,
+        latency_ms
+    FROM events
+    WHERE event_type = 'impression' AND experiment IS NOT NULL AND variant IS NOT NULL
+"""
 
 
 def chdb_owner_pid(dsn: str) -> int | None:
@@ -190,10 +268,55 @@ def query_df(client: Client, sql: str, parameters: Mapping[str, Any] | None = No
     return frame
 
 
+def _sorting_keys(client: Client) -> dict[str, str]:
+    """Each table of the current database and its sorting key."""
+    frame = query_df(
+        client, "SELECT name, sorting_key FROM system.tables WHERE database = currentDatabase()"
+    )
+    return {} if frame.empty else dict(zip(frame["name"], frame["sorting_key"], strict=True))
+
+
+def _create_events_table(client: Client, name: Literal["events", "events_next"]) -> None:
+    command(client, f"CREATE TABLE IF NOT EXISTS {name} {_EVENTS_COLUMNS} {_EVENTS_ENGINE}")
+
+
+def _schema_version(client: Client) -> int:
+    frame = query_df(client, "SELECT toUInt32(max(version)) AS version FROM schema_version")
+    return 0 if frame.empty else int(frame["version"].iloc[0])
+
+
 def ensure_schema(client: Client) -> None:
-    """Create ``events`` and ``items`` if they are missing (idempotent)."""
-    for statement in _SCHEMA:
+    """Create the tables if they are missing and bring an older data directory up to
+    ``SCHEMA_VERSION`` (idempotent; each step can be re-run after a crash).
+
+    Version 1 -> 2: the old ``events`` moves aside (``events_migrating``) in the same RENAME that
+    puts an empty table with the new order in its place, so the sink keeps inserting; the old rows
+    are copied over and the old table dropped. Then ``exposure_requests`` and its view are
+    created and filled from ``events``: rows that both the view and the backfill see are merged
+    by ``min``/``max``, which a second copy cannot change.
+    """
+    command(client, _SCHEMA_VERSION_TABLE)
+    command(client, _ITEMS_SCHEMA)
+    keys = _sorting_keys(client)
+    if keys.get("events", _EVENTS_KEY) != _EVENTS_KEY:
+        log.info("ClickHouse: re-ordering events by (%s) (schema version 2)", _EVENTS_KEY)
+        _create_events_table(client, "events_next")
+        command(client, "RENAME TABLE events TO events_migrating, events_next TO events")
+        keys = _sorting_keys(client)
+    _create_events_table(client, "events")
+    if "events_migrating" in keys:
+        command(client, "INSERT INTO events SELECT * FROM events_migrating")
+        command(client, "DROP TABLE events_migrating")
+    for statement in _EXPOSURE_REQUESTS_SCHEMA:
         command(client, statement)
+    if _schema_version(client) < SCHEMA_VERSION:
+        log.info("ClickHouse: filling exposure_requests from events (schema version 2)")
+        command(client, _BACKFILL_EXPOSURE_REQUESTS)
+        command(
+            client,
+            "INSERT INTO schema_version (version) VALUES ({version:UInt32})",
+            {"version": SCHEMA_VERSION},
+        )
 
 
 def _event_row(event: Event) -> list[Any]:

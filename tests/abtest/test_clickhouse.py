@@ -18,6 +18,7 @@ from clickhouse_connect.driver.client import Client
 
 from abtest.clickhouse import (
     EVENT_COLUMNS,
+    SCHEMA_VERSION,
     analytics_client,
     chdb_owner_pid,
     command,
@@ -75,10 +76,19 @@ def test_schema_is_idempotent_and_keyed_for_deduplication(client: Client) -> Non
         "SELECT name, engine, sorting_key FROM system.tables "
         "WHERE database = currentDatabase() ORDER BY name",
     )
+    events_key = "event_type, experiment, user_id, event_id"  # the copies of an event share it
     assert tables.to_dict("records") == [
-        {"name": "events", "engine": "ReplacingMergeTree", "sorting_key": "user_id, event_id"},
+        {"name": "events", "engine": "ReplacingMergeTree", "sorting_key": events_key},
+        {
+            "name": "exposure_requests",
+            "engine": "AggregatingMergeTree",
+            "sorting_key": "experiment, user_id, request_id",
+        },
+        {"name": "exposure_requests_mv", "engine": "MaterializedView", "sorting_key": ""},
         {"name": "items", "engine": "ReplacingMergeTree", "sorting_key": "item_id"},
+        {"name": "schema_version", "engine": "MergeTree", "sorting_key": "version"},
     ]
+    assert scalar(client, "SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 2
 
 
 def test_redelivered_events_count_once_before_any_merge(client: Client) -> None:
