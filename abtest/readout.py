@@ -216,10 +216,10 @@ def _with_adjusted_p(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _check_known(
-    client: Client, experiment: str, metrics: ExperimentMetrics, configured: Collection[str]
+    client: Client, experiment: str, metrics: ExperimentMetrics, configured: Collection[str] | None
 ) -> None:
     """An experiment with no exposed users that the config does not define does not exist."""
-    if not metrics.users.empty or experiment in configured:
+    if configured is None or not metrics.users.empty or experiment in configured:
         return
     with_traffic = experiment_names(client)
     raise ExperimentConfigError(
@@ -241,15 +241,16 @@ def experiment_readout(
     prior: NormalPrior | None = None,
     sequential: SequentialPlan | None = _DEFAULT_PLAN,
     previous: Sequence[SequentialState] | None = None,
-    configured: Collection[str] = (),
+    configured: Collection[str] | None = None,
 ) -> Readout:
     """Query ``experiment``'s per-user metrics and read it out (see the module docstring).
 
     ``source`` is an open client or the settings (then a client is opened and closed here, which
     on chdb fails with an AnalyticsError while another process, such as the sink, holds the
     directory). ``pre_days`` defaults to ``settings.cuped_pre_days`` (its default with a client).
-    An experiment with no exposed users that is not among ``configured`` is an
-    ExperimentConfigError naming the experiments that exist. With settings and no ``previous``,
+    Given ``configured`` (the experiments file's names, as ``hymirec readout`` passes them), an
+    experiment with no exposed users that is not among them is an ExperimentConfigError naming
+    the experiments that exist (configured, and with exposures). With settings and no ``previous``,
     the sequential states come from the experiment's published snapshot, if any (read, never
     written: only the publisher advances them).
     """

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy import stats
+from scipy import special
 
 from abtest.stats._contrast import Contrast, check_alpha, cuped_contrast
 from abtest.stats.result import BayesianResult, DifferenceType, Message
@@ -151,8 +151,9 @@ def bayesian_normal_test(
         mu = (estimate / variance + prior.mean / prior.sd**2) / precision
         sd = math.sqrt(1.0 / precision)
     z = mu / sd
-    density = float(stats.norm.pdf(z))
-    crit = float(stats.norm.ppf(1.0 - alpha / 2.0))
+    density = math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)  # φ(z)
+    crit = float(special.ndtri(1.0 - alpha / 2.0))
+    cdf = float(special.ndtr(z))
     return BayesianResult(
         method="bayesian_normal",
         difference=difference,
@@ -161,9 +162,9 @@ def bayesian_normal_test(
         effect=mu,
         effect_sd=sd,
         credible_interval=(mu - crit * sd, mu + crit * sd),
-        chance_to_win=float(stats.norm.cdf(z)),
-        expected_loss_treatment=sd * density - mu * float(stats.norm.cdf(-z)),
-        expected_loss_control=sd * density + mu * float(stats.norm.cdf(z)),
+        chance_to_win=cdf,
+        expected_loss_treatment=sd * density - mu * float(special.ndtr(-z)),
+        expected_loss_control=sd * density + mu * cdf,
         alpha=alpha,
         n_control=nc,
         n_treatment=nt,

@@ -170,7 +170,9 @@ def test_result_as_dict_and_labels() -> None:
 def test_two_proportion_ztest_matches_statsmodels(x_c: int, n_c: int, x_t: int, n_t: int) -> None:
     r = two_proportion_ztest(ProportionStatistic(n_c, x_c), ProportionStatistic(n_t, x_t))
     with np.errstate(divide="ignore"):  # statsmodels also computes the ratio, 4/0 at x_c = 0
-        ref = sm_proportion.test_proportions_2indep(x_t, n_t, x_c, n_c, method="wald", compare="diff")
+        ref = sm_proportion.test_proportions_2indep(
+            x_t, n_t, x_c, n_c, method="wald", compare="diff"
+        )
     assert r.p_value == pytest.approx(ref.pvalue, rel=1e-9)
     lo, hi = confint_proportions_2indep(x_t, n_t, x_c, n_c, method="wald", compare="diff")
     assert r.ci_abs == pytest.approx((lo, hi), rel=1e-9, abs=1e-12)
