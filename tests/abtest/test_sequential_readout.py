@@ -17,7 +17,9 @@ import pandas as pd
 import pytest
 from scipy import optimize, stats
 
+from abtest.experiments import parse_experiments
 from abtest.metrics import USER_METRIC_COLUMNS, ExperimentMetrics
+from abtest.plans import experiment_plans
 from abtest.readout import READOUT_METRICS, compare_statistics, readout_from_metrics
 from abtest.sequential_looks import SequentialPlan, SequentialState, sequential_step
 from abtest.stats import (
@@ -232,3 +234,23 @@ def test_malformed_values_are_a_data_error_naming_the_experiment() -> None:
     broken.loc[3, "genres_consumed"] = np.nan
     with pytest.raises(DataError, match="'seq': values contains NaN"):
         readout_from_metrics(ExperimentMetrics("seq", broken, 0, 7))
+
+
+def test_the_experiments_file_states_the_plan_and_unknown_metrics_are_refused() -> None:
+    text = """
+default_model: sasrec
+layers: [{name: l, salt: l-salt}]
+experiments:
+  - name: e
+    layer: l
+    salt: e-salt
+    range: [0, 1]
+    variants: [{name: control, weight: 1}, {name: treatment, weight: 1}]
+    sequential: {horizon_users_per_arm: 50000, min_users_per_arm: 500, tau: {ctr: 0.002}}
+"""
+    plan = experiment_plans(parse_experiments(text))["e"].sequential
+    assert plan == SequentialPlan(50_000, 500, {"ctr": 0.002})
+    with pytest.raises(ExperimentConfigError, match=r"unknown metric\(s\) \['clicks'\]"):
+        experiment_plans(parse_experiments(text.replace("ctr: 0.002", "clicks: 0.002")))
+    with pytest.raises(ExperimentConfigError, match="tau"):
+        parse_experiments(text.replace("ctr: 0.002", "ctr: -1"))
