@@ -3,7 +3,8 @@
 At-least-once: records are parsed, inserted in batches (at most ``sink_batch_size`` records or
 ``sink_batch_window_s`` seconds), and their offsets are committed only after the insert returned.
 A crash between the insert and the commit re-reads the batch; the table collapses the copies by
-``event_id`` (see ``abtest.clickhouse``), so the analytics see every event once. A record that
+``event_id`` (see ``abtest.clickhouse``), so the analytics see every event once. An ``exposure``
+record (a whole served list) is stored as its impressions, whose ids it determines. A record that
 fails ``parse_event`` is counted under its reason, logged with its offset and skipped: the Faust
 worker, which reads the same topic, owns the dead-letter topic.
 
@@ -52,7 +53,7 @@ from hymirec.errors import AnalyticsError, BrokerError, InvalidEvent
 from hymirec.settings import Settings
 from streaming.fetch_backoff import install_kafka_python_backoff
 from streaming.kafka_group import fix_group_join
-from streaming.schema import Event, parse_event
+from streaming.schema import Event, exposure_impressions, parse_event
 
 if TYPE_CHECKING:
     from abtest.publish import ExperimentPlan, ReadoutPublisher
@@ -283,9 +284,12 @@ class EventSink:
             )
 
     def _parse(self, records: list[ConsumerRecord]) -> Iterator[Event]:
+        """Valid events; an ``exposure`` (one served list) as the impressions it stands for."""
         for r in records:
             try:
-                yield parse_event(r.value, self.settings.max_event_bytes)
+                event = parse_event(r.value, self.settings.max_event_bytes)
+                is_exposure = event.event_type == "exposure"
+                yield from exposure_impressions(event) if is_exposure else [event]
             except InvalidEvent as exc:
                 self.stats.invalid[exc.reason] += 1
                 log.warning(

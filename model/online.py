@@ -19,7 +19,6 @@ newest users only; ``replay_ratio`` sets how many per new example.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.base import Batch, CatalogInfo, SequentialRecommender
+from model.base import Batch, SequentialRecommender
+from model.checkpoint import extend_catalog  # here since the trainer grows its catalogue
 from model.evaluate import RankingAccumulator
 from model.registry import TrainingDefaults
 from streaming.schema import TrainingSample
@@ -299,26 +299,6 @@ def _seen_items(examples: list[Example], width: int, device: torch.device) -> Te
     seen[torch.from_numpy(rows), torch.from_numpy(items.astype(np.int64))] = True
     seen[:, 0] = False
     return seen.to(device)
-
-
-def extend_catalog(catalog: CatalogInfo, num_items: int) -> CatalogInfo:
-    """The catalogue with rows up to ``num_items``: new items have no text (zero embedding),
-    UNKNOWN codes and no genres, so they are learned from their id embedding alone."""
-    extra = num_items - catalog.num_items
-    if extra < 0:
-        raise ValueError(f"cannot shrink the catalogue from {catalog.num_items} to {num_items}")
-    if extra == 0:
-        return catalog
-    unknown = catalog.codebook_scales.shape[1]  # UNKNOWN = size (features.codebook)
-    text = torch.zeros(extra, catalog.text_embeddings.shape[1])
-    codes = torch.full((extra, catalog.codes.shape[1]), unknown, dtype=catalog.codes.dtype)
-    return dataclasses.replace(
-        catalog,
-        num_items=num_items,
-        text_embeddings=torch.cat([catalog.text_embeddings, text]),
-        codes=torch.cat([catalog.codes, codes]),
-        genres=[*catalog.genres, *([frozenset[str]()] * extra)],
-    )
 
 
 def grow_model(

@@ -30,16 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from hymirec.errors import DataError, TrainerError
 from model import registry
-from model.base import CatalogInfo, SequentialRecommender
+from model.base import CatalogInfo
+from model.checkpoint import (
+    ONLINE_CHECKPOINT_FORMAT,
+    extend_catalog,
+    load_version_model,
+    read_checkpoint_file,
+    read_version_model,
+)
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
 from model.online import (
     PROBE_BUCKET_WIDTH,
     Example,
     StreamHistories,
     examples_for_step,
-    extend_catalog,
     grow_model,
     grow_optimizer_state,
     make_batch,
@@ -59,7 +64,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ONLINE_CHECKPOINT_FORMAT = "hymirec-online-checkpoint/1"
 _DIGEST_MOD = 2**64
 PREQUENTIAL_SAMPLE = 32  # test-then-train probes ranked per micro-batch, at most
 
@@ -434,11 +438,11 @@ class ModelTrainer:
         stream position and counters."""
         meta = published.metadata
         trainer = cls(published.model, catalog, options, dict(meta["config"]))
-        model, num_items = _read_model(published, catalog, trainer.device)
+        model, num_items = read_version_model(published, catalog, trainer.device)
         trainer.catalog = extend_catalog(catalog, num_items)
         trainer.model = model.train()
         trainer.optimizer = trainer._optimizer()
-        state = _torch_load(published.path / "trainer_state.pt")
+        state = read_checkpoint_file(published.path / "trainer_state.pt")
         if trainer.optimizer is not None and state["optimizer"]:
             trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.histories = StreamHistories.from_state(state["histories"])
@@ -451,39 +455,3 @@ class ModelTrainer:
         trainer.version = published.version
         trainer.origin = meta.get("origin")
         return trainer
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # torch raises several types for unreadable files
-        raise DataError(f"cannot read {path}: {exc}") from exc
-
-
-def _read_model(
-    published: PublishedVersion, catalog: CatalogInfo, device: torch.device
-) -> tuple[SequentialRecommender, int]:
-    payload = _torch_load(published.path / "model.pt")
-    if not isinstance(payload, dict) or payload.get("format") != ONLINE_CHECKPOINT_FORMAT:
-        raise DataError(f"{published.path} does not hold a {ONLINE_CHECKPOINT_FORMAT} model")
-    num_items = int(payload["num_items"])
-    if num_items < catalog.num_items:
-        raise TrainerError(
-            f"{published.path} was trained on {num_items} items but the catalogue has "
-            f"{catalog.num_items}; the catalogue may only grow"
-        )
-    model = registry.build(
-        str(payload["model_name"]), extend_catalog(catalog, num_items), **payload["config"]
-    )
-    model.load_state_dict(payload["state_dict"])
-    return model.to(device), num_items
-
-
-def load_version_model(
-    published: PublishedVersion, catalog: CatalogInfo, device: torch.device | str = "cpu"
-) -> SequentialRecommender:
-    """The model a registry version holds, in eval mode, for serving."""
-    model, _ = _read_model(published, catalog, torch.device(device))
-    return model.eval()

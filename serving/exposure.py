@@ -1,11 +1,15 @@
-"""Exposure logging: what a response showed, as ``impression`` events on the events topic.
+"""Exposure logging: what a response showed, as ``exposure`` events on the events topic.
 
-One impression per shown item with its 0-based position, the request id, the model version and
-the request's latency (``abtest.metrics`` counts impressions per user, distinct request ids as
-exposures, and each request's latency once). A user in experiments of several layers gets one
-impression per item *per layer*, tagged with that layer's experiment and variant, so each
-experiment's analytics see every exposure of its users; a held-out user's are tagged
-``holdout``/``holdout``, and a user in no experiment gets untagged impressions.
+One record per request and experiment layer: the shown items in ``item_ids`` (best first), the
+request id, the model version and the request's latency. The ClickHouse sink stores each as one
+``impression`` per item with its 0-based position (``streaming.schema.exposure_impressions``), so
+the analytics see the rows they always did (``abtest.metrics`` counts impressions per user,
+distinct request ids as exposures, and each request's latency once). A user in experiments of
+several layers gets one record per layer, tagged with that layer's experiment and variant, so
+each experiment's analytics see every exposure of its users; a held-out user's are tagged
+``holdout``/``holdout``, and a user in no experiment gets an untagged one. (Until issue 19 the
+service sent the impressions themselves, ten or more records per request; the sink still reads
+those.)
 
 Sending is asynchronous (kafka-python buffers and a background thread sends); :meth:`check`
 flushes and reports records the broker did not acknowledge, and the readiness probe uses it.
@@ -25,7 +29,7 @@ from hymirec.settings import Settings
 from streaming.kafka_io import EventProducer
 from streaming.schema import Event
 
-__all__ = ["Exposure", "ExposureLog", "impression_events"]
+__all__ = ["Exposure", "ExposureLog", "exposure_events"]
 
 log = logging.getLogger(__name__)
 
@@ -43,34 +47,34 @@ class Exposure:
     ts_ms: int
 
 
-def impression_events(exposure: Exposure) -> list[Event]:
-    """One ``impression`` per item and assignment, positions 0..k-1 in list order."""
+def exposure_events(exposure: Exposure) -> list[Event]:
+    """One ``exposure`` event per assignment (none for an empty list)."""
+    if not exposure.items:
+        return []
     return [
         Event(
             event_id=uuid.uuid4(),
             user_id=exposure.user_id,
-            item_id=item,
-            event_type="impression",
+            event_type="exposure",
             ts_ms=exposure.ts_ms,
             experiment=experiment,
             variant=variant,
             request_id=exposure.request_id,
             model_version=exposure.model_version,
-            position=position,
             latency_ms=max(0.0, exposure.latency_ms),
+            item_ids=[int(item) for item in exposure.items],
         )
         for experiment, variant in exposure.assignments
-        for position, item in enumerate(exposure.items)
     ]
 
 
 class ExposureLog:
-    """Impressions to ``settings.events_topic`` through the project's :class:`EventProducer`."""
+    """Exposures to ``settings.events_topic`` through the project's :class:`EventProducer`."""
 
     def __init__(self, settings: Settings, max_block_ms: int = 2000, linger_ms: int = 50) -> None:
         # max_block_ms bounds how long a send may block a request thread when the broker is
-        # unreachable (kafka-python's default is 60 s). Impressions wait up to linger_ms to be
-        # sent together: a request's k records, and several requests', in one produce request.
+        # unreachable (kafka-python's default is 60 s). Records wait up to linger_ms to be sent
+        # together: several requests' in one produce request.
         self.producer = EventProducer(settings, max_block_ms=max_block_ms, linger_ms=linger_ms)
         self.topic = settings.events_topic
         self._lock = threading.Lock()
@@ -80,8 +84,8 @@ class ExposureLog:
         self.last_error: str | None = None
 
     def log(self, exposure: Exposure) -> int:
-        """Queue the exposure's impressions; return how many. BrokerError if one cannot be."""
-        events = impression_events(exposure)
+        """Queue the exposure's records; return how many. BrokerError if one cannot be."""
+        events = exposure_events(exposure)
         try:
             for event in events:
                 self.producer.send(event)
@@ -96,7 +100,7 @@ class ExposureLog:
         return len(events)
 
     def check(self, timeout_s: float = 10.0) -> bool:
-        """Flush; healthy when every impression sent so far was acknowledged."""
+        """Flush; healthy when every record sent so far was acknowledged."""
         try:
             self.producer.flush(timeout_s)
         except BrokerError as exc:

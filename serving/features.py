@@ -14,10 +14,17 @@ R rows are the codes of the recent ids). So:
 Rows written with another codebook (``codebook_version`` differs from the catalogue's) cannot be
 decoded: their long history is dropped and only the recent ids are used (counted in
 ``UserFeatureReader.stale_codebook_rows``).
+
+Rows are read with :class:`serving.feast_rows.HistoryRows` (the online store's own read, without
+``get_online_features``' generic response building). Each decoded history carries ``key``, a
+digest of everything a model reads from it (the recent ids and the long codes): what the models
+cache a user's interests under (``serving.models``), so a history that changed is never served
+from a stale cache entry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -29,6 +36,7 @@ from features.codebook import ResidualCodebook
 from features.store import FeatureStoreClient, UserHistoryFeatures
 from hymirec.errors import CodebookError
 from model.base import CatalogInfo
+from serving.feast_rows import HistoryRows
 
 __all__ = ["CodeIndex", "UserFeatureReader", "UserHistory", "catalog_codebook"]
 
@@ -83,7 +91,8 @@ class UserHistory:
     ``recent_item_ids`` (R,) oldest first; ``long_codes`` (T, levels) the codes of the last T
     items, oldest first, the last ``len(recent_item_ids)`` rows being the recent items' codes
     (empty when the row's codebook is not the catalogue's); ``seen_item_ids`` what the ranking
-    leaves out.
+    leaves out; ``key`` a digest of ``recent_item_ids`` and ``long_codes`` (empty: not known,
+    nothing is cached for the history).
     """
 
     user_id: int
@@ -91,6 +100,7 @@ class UserHistory:
     long_codes: IntArray
     history_len: int
     seen_item_ids: IntArray
+    key: bytes = b""
 
 
 class UserFeatureReader:
@@ -98,6 +108,7 @@ class UserFeatureReader:
 
     def __init__(self, store: FeatureStoreClient, catalog: CatalogInfo) -> None:
         self.store = store
+        self.rows = HistoryRows(store)
         self.codebook = catalog_codebook(catalog)
         self.codebook_version = self.codebook.version
         self.code_index = CodeIndex(catalog.codes.numpy(), self.codebook.UNKNOWN)
@@ -107,10 +118,15 @@ class UserFeatureReader:
 
     def read(self, user_id: int) -> UserHistory | None:
         """The user's history, or None when the user has none online (a cold start)."""
-        row = self.store.user_histories([user_id]).get(user_id)
-        if row is None or not row.recent_item_ids:
-            return None
-        return self.decode(row)
+        return self.read_many([user_id])[0]
+
+    def read_many(self, user_ids: list[int]) -> list[UserHistory | None]:
+        """Each user's history (None: a cold start), in one online-store read."""
+        rows = self.rows.read(user_ids)
+        return [
+            self.decode(row) if row is not None and row.recent_item_ids else None
+            for row in (rows[int(u)] for u in user_ids)
+        ]
 
     def decode(self, row: UserHistoryFeatures) -> UserHistory:
         recent = np.asarray(row.recent_item_ids, dtype=np.int64)
@@ -135,10 +151,14 @@ class UserFeatureReader:
                 # which rows line up with which ids.
                 long_codes = np.zeros((0, levels), dtype=np.int64)
         seen = np.union1d(recent, self.code_index.items(long_codes))
+        digest = hashlib.blake2b(digest_size=16, person=b"user-history")
+        for part in (recent.tobytes(), row.long_codes if len(long_codes) else b""):
+            digest.update(len(part).to_bytes(8, "little") + part)  # long_codes from those bytes
         return UserHistory(
             user_id=row.user_id,
             recent_item_ids=recent,
             long_codes=long_codes,
             history_len=row.history_len,
             seen_item_ids=seen[seen > 0],
+            key=digest.digest(),
         )

@@ -1,12 +1,22 @@
 """The models in service: one loaded version per model, ranking, and hot swaps from the registry.
 
 A :class:`LoadedModel` is immutable: the weights of one registry version, in eval mode, with its
-item embeddings computed once at load time. :class:`ModelPool` holds the current one per model in
-a dict that is replaced, never mutated, when a version is swapped in; a request takes its
-``LoadedModel`` once at the start and uses it to the end, so a swap never changes a request
-half-way and never blocks one. New versions are found by polling ``LATEST`` (a cheap file read)
-every ``serve_registry_poll_s`` on a background thread, which loads and warms the new version
-completely before the reference moves.
+item embeddings computed once at load time. A user's interests depend only on their history, so
+they are computed once per history: the version's :class:`InterestCache` keeps them under the
+digest of everything the model reads (``UserHistory.key``: the recent ids and the long codes). A
+request whose user's history has not changed since their last request (an impression does not
+change it; a click or a play does) skips the model and only scores the catalogue; a changed
+history misses the cache, and a cached entry is the very tensor a fresh computation gives. A miss
+costs less too: HyMiRec's code table projected to the model width, which ``encode_long``
+projects on every call, is projected once per version (:func:`encode_long`). Ranking takes the
+top ``k`` with ``torch.topk`` and sorts only the items tied at the boundary, in the same order as
+a stable sort of every score (:func:`top_k`).
+
+:class:`ModelPool` holds the current one per model in a dict that is replaced, never mutated,
+when a version is swapped in; a request takes its ``LoadedModel`` once at the start and uses it
+to the end, so a swap never changes a request half-way and never blocks one. New versions are
+found by polling ``LATEST`` (a cheap file read) every ``serve_registry_poll_s`` on a background
+thread, which loads and warms the new version completely before the reference moves.
 
 Cold start: users without a history get the ``popular`` model's ranking, from the registry when
 the trainer publishes one, else :func:`movielens_popularity`, the ML-100K rating counts of the
@@ -19,40 +29,115 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hymirec.errors import HymirecError
 from model.base import Batch, CatalogInfo, SequentialRecommender
+from model.checkpoint import load_version_model
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
 from model.hymirec import HyMiRec
 from model.popularity import Config as PopularityConfig
 from model.popularity import PopularityRecommender
-from model.trainer import load_version_model
 from serving.features import UserHistory
 
 __all__ = [
+    "INTEREST_CACHE_USERS",
     "POPULAR",
     "PRIOR_VERSION",
+    "InterestCache",
     "LoadedModel",
     "ModelPool",
+    "encode_long",
     "load_model",
     "movielens_popularity",
+    "top_k",
 ]
 
 log = logging.getLogger(__name__)
 
 POPULAR = "popular"
 PRIOR_VERSION = "ml100k-prior"  # the version name of the built-in popularity fallback
+# Users whose interests one version keeps (least recently served dropped first): ~1.1 KB each
+# with HyMiRec's defaults (K = 4 x D = 64 floats, a 16-byte key), so ~55 MB at most.
+INTEREST_CACHE_USERS = 50_000
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def top_k(scores: Tensor, k: int) -> list[int]:
+    """The first ``k`` of ``torch.argsort(scores, descending=True, stable=True)`` (ties: lower
+    index first), leaving out ``-inf``, without sorting every score.
+
+    ``topk`` finds the k-th best value; the items at least that good are the only candidates
+    (the ties at the boundary included), and a stable sort of those, in index order, ranks them
+    as the full stable sort does. ``scores`` holds no NaN (``LoadedModel.scores`` maps it to -inf).
+    """
+    count = min(k, int(torch.isfinite(scores).sum()))
+    if count <= 0:
+        return []
+    threshold = torch.topk(scores, count, sorted=False).values.min()
+    candidates = torch.nonzero(scores >= threshold).flatten()  # ascending index
+    order = torch.argsort(scores[candidates], descending=True, stable=True)
+    ranked: list[int] = candidates[order[:count]].tolist()
+    return ranked
+
+
+def encode_long(model: HyMiRec, code_table: Tensor, codes: Tensor) -> Tensor:
+    """``model.encode_long(codes)`` given ``code_table = F.linear(model.decoder.table,
+    model.items.adapter.weight)`` (``CodebookDecoder.forward`` recomputes that (levels, size + 1,
+    D) table on every call: 0.36 ms of 0.58 here). Same operations on the same tensors, so the
+    same result to the bit (``tests/serving/test_ranking.py``)."""
+    tokens = model.items.adapter.bias.expand(*codes.shape[:-1], -1)
+    for level in range(code_table.shape[0]):
+        tokens = tokens + code_table[level][codes[..., level]]
+    valid = (codes != model.decoder.unknown).any(dim=-1)
+    coarse: Tensor = model.lightweight(tokens, valid)
+    return coarse
+
+
+class InterestCache:
+    """Per user, the interests computed for the history last seen for them, under its key.
+
+    One entry per user, so a user whose history moved replaces their entry; at most
+    ``max_users`` entries, the least recently used dropped first. Thread-safe.
+    """
+
+    def __init__(self, max_users: int = INTEREST_CACHE_USERS) -> None:
+        self.max_users = max_users
+        self._entries: OrderedDict[int, tuple[bytes, Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, user_id: int, key: bytes) -> Tensor | None:
+        with self._lock:
+            entry = self._entries.get(user_id)
+            if entry is None or entry[0] != key:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(user_id)
+            self.hits += 1
+            return entry[1]
+
+    def put(self, user_id: int, key: bytes, interests: Tensor) -> None:
+        with self._lock:
+            self._entries[user_id] = (key, interests)
+            self._entries.move_to_end(user_id)
+            while len(self._entries) > self.max_users:
+                self._entries.popitem(last=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,6 +152,8 @@ class LoadedModel:
     loaded_at_ms: int
     published_at_ms: int
     source: Literal["registry", "prior"]
+    code_table: Tensor | None = field(default=None, repr=False)  # HyMiRec: see encode_long
+    interest_cache: InterestCache = field(default_factory=InterestCache, repr=False)
 
     @classmethod
     def build(
@@ -78,8 +165,12 @@ class LoadedModel:
         source: Literal["registry", "prior"] = "registry",
     ) -> LoadedModel:
         model.eval()
+        code_table = None
         with torch.inference_mode():
             vectors = model.item_embeddings().detach().float()
+        if isinstance(model, HyMiRec):
+            with torch.no_grad():  # not inference_mode: the table is used in later forwards
+                code_table = F.linear(model.decoder.table, model.items.adapter.weight)
         loaded = cls(
             name=name,
             version=version,
@@ -89,6 +180,7 @@ class LoadedModel:
             loaded_at_ms=_now_ms(),
             published_at_ms=published_at_ms,
             source=source,
+            code_table=code_table,
         )
         # Warm up (first-call allocations) off the request path, with a one-item history.
         levels = int(getattr(model, "codes", torch.zeros(1, 1)).shape[-1])
@@ -102,7 +194,22 @@ class LoadedModel:
         return torch.where(ids <= self.num_items, ids, 0)
 
     def interests(self, history: UserHistory | None) -> Tensor:
-        """(K, D) the user's interests (an empty history for a cold start)."""
+        """(K, D) float the user's interests (an empty history for a cold start), from the
+        cache when the user's history is the one they were computed for."""
+        key = history.key if history is not None else b""
+        if key:
+            assert history is not None
+            cached = self.interest_cache.get(history.user_id, key)
+            if cached is not None:
+                return cached
+        with torch.no_grad():
+            interests = self._compute_interests(history).float()
+        if key:
+            assert history is not None
+            self.interest_cache.put(history.user_id, key, interests)
+        return interests
+
+    def _compute_interests(self, history: UserHistory | None) -> Tensor:
         model = self.model
         recent_ids = history.recent_item_ids if history is not None else np.zeros(0, np.int64)
         if isinstance(model, HyMiRec):
@@ -113,9 +220,12 @@ class LoadedModel:
             codes = history.long_codes if history is not None else np.zeros((0, 1), np.int64)
             levels = model.decoder.table.shape[0]
             long_codes = torch.from_numpy(np.asarray(codes[: max(0, len(codes) - r)]))
-            long_codes = long_codes.reshape(-1, levels).long()
+            long_codes = long_codes.reshape(-1, levels).long()[None]
+            if self.code_table is None:
+                coarse = model.encode_long(long_codes)
+            else:
+                coarse = encode_long(model, self.code_table, long_codes)
             recent = self._known(recent_ids[len(recent_ids) - r :])
-            coarse = model.encode_long(long_codes[None])
             return model.refine(coarse, recent[None])[0]
         history_ids = self._known(recent_ids)[None]
         zeros = torch.zeros_like(history_ids)
@@ -130,8 +240,8 @@ class LoadedModel:
 
     def scores(self, history: UserHistory | None) -> Tensor:
         """(num_items + 1,) the best of the user's interests per item; index 0 is -inf."""
+        interests = self.interests(history)
         with torch.no_grad():
-            interests = self.interests(history).float()
             scores = (interests @ self.item_vectors.T).amax(dim=0)
             scores = torch.nan_to_num(scores, nan=-torch.inf)
             scores[0] = -torch.inf
@@ -143,9 +253,7 @@ class LoadedModel:
         if history is not None and len(history.seen_item_ids):
             seen = history.seen_item_ids[history.seen_item_ids <= self.num_items]
             scores[torch.from_numpy(seen)] = -torch.inf
-        order = torch.argsort(scores, descending=True, stable=True)
-        count = min(k, int(torch.isfinite(scores).sum()))
-        return [int(i) for i in order[:count]]
+        return top_k(scores, k)
 
     def describe(self) -> dict[str, int | str]:
         return {

@@ -102,7 +102,7 @@ class RecommendationService:
         )
         pool.refresh()
         features = UserFeatureReader(FeatureStoreClient(settings), catalog)
-        features.store.user_histories([0])  # opens the online store now, not on a request
+        features.rows.read([0])  # opens the online store now, not on a request
         exposures = ExposureLog(settings)
         return cls(settings, Splitter(config), pool, features, exposures, metrics, hold)
 
@@ -197,7 +197,7 @@ class RecommendationService:
         model has a version in service or is covered by the popularity fallback."""
         checks: dict[str, Any] = {}
         try:
-            self.features.store.user_histories([0])
+            self.features.rows.read([0])
             checks["feature_store"] = "ok"
         except Exception as exc:  # any failure of the probe read means not ready
             checks["feature_store"] = f"error: {exc}"

@@ -29,7 +29,7 @@ from model.data import build_catalog
 from model.trainer import ModelTrainer, StreamRecord, TrainerOptions
 from streaming.broker import LocalBroker
 from streaming.kafka_io import ensure_topics
-from streaming.schema import TrainingSample
+from streaming.schema import TrainingSample, exposure_impressions, parse_event
 from tests.conftest import EMBEDDING_CACHE
 
 TRAIN_RATINGS = 2000  # the first ratings, learned by the template's versions
@@ -201,10 +201,9 @@ def restore_torch_threads() -> Iterator[None]:
 def read_impressions(
     settings: Settings, request_ids: set[str], expected: int, timeout_s: float = 60.0
 ) -> list[dict[str, Any]]:
-    """The impression events of these requests on the events topic, once ``expected`` arrived
-    (fewer at the deadline: what arrived, for the assertion to show)."""
-    import json
-
+    """The impressions of these requests on the events topic, once ``expected`` arrived (fewer at
+    the deadline: what arrived, for the assertion to show). The service sends one ``exposure``
+    record per request and layer; it is read as the impressions the ClickHouse sink stores."""
     consumer = KafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         auto_offset_reset="earliest",
@@ -217,9 +216,11 @@ def read_impressions(
     try:
         while len(found) < expected and time.monotonic() < deadline:
             for record in consumer:
-                event = json.loads(record.value)
-                if event.get("request_id") in request_ids:
-                    found.append(event)
+                event = parse_event(record.value, settings.max_event_bytes)
+                if event.request_id not in request_ids:
+                    continue
+                assert event.event_type == "exposure", event
+                found.extend(e.model_dump(mode="json") for e in exposure_impressions(event))
     finally:
         consumer.close()
     return found
