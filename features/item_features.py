@@ -2,7 +2,8 @@
 
 ``build_item_features`` is the offline step the CLI runs before the stream starts: embed every
 catalogue item (cached), fit the codebook, encode the catalogue, save both, register the Feast
-definitions and write the item views (online and offline). ``ItemCodeTable`` is what the stream
+definitions, write the item views (online and offline) and publish the codebook for clients
+(``features.codebook_publish``). ``ItemCodeTable`` is what the stream
 worker loads to turn item ids into codes.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from features.codebook import ResidualCodebook
+from features.codebook_publish import publish_codebook
 from features.item_embeddings import embed_item_texts
 from features.store import FeatureStoreClient
 from hymirec.errors import CodebookError
@@ -95,6 +97,7 @@ def build_item_features(
     client = store or FeatureStoreClient(settings)
     client.apply_definitions()
     _publish_items(client, settings.feast_dir, items, codebook, codes)
+    publish_codebook(client, settings.feast_dir, codebook)
     table = ItemCodeTable(item_ids=item_ids, codes=codes, unknown=codebook.size)
     return ItemFeatures(codebook=codebook, table=table, embeddings=embeddings)
 

@@ -52,6 +52,23 @@ def _features(settings: Settings, args: argparse.Namespace) -> int:
             f"{built.codebook.bytes_per_item} bytes/item; item views online"
         )
         return 0
+    if args.action == "publish":
+        from features.codebook import ResidualCodebook
+        from features.codebook_publish import publish_codebook
+        from features.store import FeatureStoreClient
+
+        client = FeatureStoreClient(settings)
+        client.apply_definitions()
+        codebook = ResidualCodebook.load(settings.codebook_dir)
+        print(f"codebook {publish_codebook(client, settings.feast_dir, codebook)} published")
+        return 0
+    if args.action == "serve":
+        from features.server import ServeOptions, serve
+        from features.store import FeatureStoreClient
+
+        options = ServeOptions(host=args.host, port=args.port, workers=args.workers)
+        serve(FeatureStoreClient(settings).store, options)
+        return 0
     from hymirec.report import print_user_features
 
     print_user_features(settings, [int(u) for u in args.users])
@@ -277,8 +294,16 @@ def _parser() -> argparse.ArgumentParser:
     broker.set_defaults(run=_broker)
 
     features = sub.add_parser("features", help="item features and online user features")
-    features.add_argument("action", choices=["build", "show"])
+    features.add_argument(
+        "action",
+        choices=["build", "show", "publish", "serve"],
+        help="build: embed, fit, publish; show: users' online rows; publish: the saved codebook "
+        "for clients; serve: Feast's HTTP feature server (read-only)",
+    )
     features.add_argument("users", nargs="*", help="user ids (for show)")
+    features.add_argument("--host", default="127.0.0.1", help="serve: address to bind")
+    features.add_argument("--port", type=int, default=6566, help="serve: port (Feast's default)")
+    features.add_argument("--workers", type=int, default=1, help="serve: gunicorn workers")
     features.set_defaults(run=_features)
 
     worker = sub.add_parser("worker", help="run the Faust stream worker in the foreground")

@@ -5,11 +5,16 @@ store's repo path (``<data_dir>/feast``)."""
 from datetime import timedelta
 
 from feast import Entity, FeatureView, Field, FileSource, PushSource
-from feast.types import Array, Bytes, Int64, String
+from feast.types import Array, Bytes, Float64, Int64, String
 from feast.value_type import ValueType
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
+# The published codebook is keyed by its version, so every version stays readable after a newer
+# one is published (features/codebook_publish.py; a client decodes with the version of its row).
+codebook = Entity(name="codebook", join_keys=["codebook_version"], value_type=ValueType.STRING)
+codebook_level = Entity(name="codebook_level", join_keys=["level"], value_type=ValueType.INT64)
+codebook_code = Entity(name="codebook_code", join_keys=["code"], value_type=ValueType.INT64)
 
 user_history_push = PushSource(
     name="user_history_push",
@@ -76,5 +81,50 @@ item_metadata = FeatureView(
         Field(name="genres", dtype=Array(String)),
     ],
     source=item_metadata_push,
+    online=True,
+)
+
+codebook_meta_push = PushSource(
+    name="codebook_meta_push",
+    batch_source=FileSource(
+        name="codebook_meta_offline",
+        path="offline/codebook_meta.parquet",
+        timestamp_field="event_timestamp",
+    ),
+)
+
+codebook_meta = FeatureView(
+    name="codebook_meta",
+    entities=[codebook],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="levels", dtype=Int64),  # L: codes per item
+        Field(name="size", dtype=Int64),  # K: centroids per level; code K means "unknown item"
+        Field(name="dim", dtype=Int64),  # D: length of a decoded vector
+        Field(name="code_bytes", dtype=Int64),  # bytes per packed code (little-endian unsigned)
+    ],
+    source=codebook_meta_push,
+    online=True,
+)
+
+codebook_centroids_push = PushSource(
+    name="codebook_centroids_push",
+    batch_source=FileSource(
+        name="codebook_centroids_offline",
+        path="offline/codebook_centroids.parquet",
+        timestamp_field="event_timestamp",
+    ),
+)
+
+codebook_centroids = FeatureView(
+    name="codebook_centroids",
+    entities=[codebook, codebook_level, codebook_code],
+    ttl=timedelta(0),
+    schema=[
+        # scale[level, code] x unit centroid[level, code] (D floats): a packed item decodes to
+        # the sum over levels of its codes' vectors; code K (unknown) is published as zeros.
+        Field(name="vector", dtype=Array(Float64)),
+    ],
+    source=codebook_centroids_push,
     online=True,
 )
