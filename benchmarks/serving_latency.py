@@ -1,21 +1,27 @@
-"""Recommendation latency and throughput of ``hymirec serve``, next to bare Feast online reads.
+"""Recommendation latency and throughput of ``hymirec serve``, beside the same run's HTTP floor and
+bare Feast reads.
 
-Starts its own noida-db broker on a free port in a temp data dir (item embeddings come from the
-repo's ``.hymirec/cache``), builds the item features, pushes every ML-100K user's history to the
-Feast online store (SQLite) in the row shape the stream worker writes, trains sasrec, hymirec and
-popular briefly on the first ratings and publishes them. Then, once per model, it starts
-``hymirec serve`` as a child process with an experiments file that serves that model to everyone
-(``default_model``, no experiments), and at concurrency 1, 8 and 32:
+The stack is ``benchmarks.serving_stack.prepare``'s: its own noida-db broker on a free port, all
+943 ML-100K users' histories in the Feast SQLite online store, sasrec, hymirec and popular trained
+briefly and published. Once per model, ``hymirec serve`` as a child process serves that model to
+everyone, and at concurrency 1, 8 and 32, in this order:
 
-- the API: ``GET /recommend?user_id=U&k=10`` for the 943 ML-100K users in turn (each has a
-  history, so every request reads Feast, runs the model, masks seen items and logs 10
-  impressions), from asyncio + httpx with ``concurrency`` requests in flight; latency measured
-  in the client (perf_counter) around each request, requests/s over the whole batch;
-- bare Feast reads: ``FeatureStoreClient.user_histories([U])`` (the call the service makes) for
-  the same users from ``concurrency`` threads in this process, measured just before.
+1. the references: the bare Feast read (``FeatureStoreClient.user_histories([U])``, i.e.
+   ``get_online_features``) and the service's own read (``serving.feast_rows.HistoryRows``), for
+   the same users from ``concurrency`` threads in this process;
+2. *after a history change*: every user's online row gets one more item (as the stream worker
+   pushes after a click or a play), then ``GET /recommend?user_id=U&k=10`` for the users in turn,
+   each once, so the service computes every user's interests (its cache misses);
+3. *repeat*: the same requests again; no history changed, so the interests come from the cache
+   (a served list does not change a history: only clicks, plays and ratings do);
+4. the HTTP floor: ``GET /health/live`` (uvicorn, FastAPI and the client, no work) sent the same
+   way.
 
-The figure is the ratio API / Feast: what routing, the model, the exposure log and HTTP add to
-the feature read. Client, server, broker and Feast share the machine's cores.
+Requests come from asyncio + httpx with ``concurrency`` in flight; latency is measured in the
+client around each request; the service's CPU per request is its /proc CPU time over the pass;
+the cache column is the service's own count (``hymirec_interest_cache_lookups_total``). The
+issue-19 goals at concurrency 1 (p50 <= 2.5 ms, p99 <= 8 ms, p50 <= 3x the floor's p50) are
+printed as verdicts. Client, service, broker and Feast share the machine's cores.
 
 Run from the repository root: ``python -m benchmarks.serving_latency``. Prints a markdown table
 and appends it, with the date and the machine, to ``benchmarks/RESULTS.md``.
@@ -28,13 +34,10 @@ import asyncio
 import datetime as dt
 import os
 import shutil
-import socket
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,115 +46,43 @@ import numpy as np
 import torch
 
 from benchmarks.report import append_section, machine
-from features.item_features import build_item_features
-from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.errors import HymirecError
-from hymirec.movielens import load_ratings, replay_histories
-from hymirec.processes import ServiceProcess
+from benchmarks.serving_stack import (
+    HistoryChurn,
+    K,
+    Measured,
+    cache_lookups,
+    cpu_s,
+    feast_reads,
+    free_port,
+    prepare,
+    serve,
+)
 from hymirec.settings import Settings
-from model.checkpoint_registry import CheckpointRegistry
-from model.data import build_catalog
-from model.trainer import ModelTrainer, StreamRecord, TrainerOptions
 from streaming.broker import LocalBroker
 from streaming.kafka_io import ensure_topics
-from streaming.schema import TrainingSample
+
+__all__ = ["main"]
 
 MODELS = ("hymirec", "sasrec")
 CONCURRENCY = (1, 8, 32)
-K = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+REGIMES = ("after a history change", "repeat")
 
 
 @dataclass(frozen=True)
-class Measured:
-    latencies_ms: np.ndarray
-    wall_s: float
-    failures: int
+class Pass:
+    """One pass of API requests and what the service spent on it."""
 
-    @property
-    def p50(self) -> float:
-        return float(np.percentile(self.latencies_ms, 50))
-
-    @property
-    def p99(self) -> float:
-        return float(np.percentile(self.latencies_ms, 99))
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies_ms) / self.wall_s
+    api: Measured
+    cpu_ms: float  # service CPU per request
+    hit_share: float  # interest-cache hits / lookups in the pass
 
 
-def prepare(settings: Settings, train_ratings: int) -> list[int]:
-    """Item features, every user's online history, and published model versions."""
-    built = build_item_features(settings)
-    histories = replay_histories(load_ratings())
-    rows = []
-    for user, items in histories.items():  # as streaming/app.py's _feature_row builds them
-        kept = items[-settings.long_len :]
-        rows.append(
-            UserHistoryFeatures(
-                user_id=user,
-                recent_item_ids=[int(i) for i in kept[-settings.recent_len :]],
-                long_codes=built.codebook.pack(built.table.lookup(kept)),
-                history_len=len(items),
-                last_ts_ms=0,
-                last_offset=len(items) - 1,
-                codebook_version=built.codebook.version,
-            )
-        )
-    store = FeatureStoreClient(settings)
-    for start in range(0, len(rows), 200):
-        store.push_user_histories(rows[start : start + 200])
-    catalog = build_catalog(settings)
-    registry = CheckpointRegistry(settings.registry_dir)
-    seqs: dict[int, list[int]] = {}
-    records = []
-    for offset, row in enumerate(load_ratings().head(train_ratings).itertuples()):
-        items_so_far = seqs.setdefault(int(row.user_id), [])
-        sample = TrainingSample(
-            event_id=uuid.uuid4(),
-            user_id=int(row.user_id),
-            item_id=int(row.item_id),
-            event_type="rating",
-            ts_ms=int(row.ts_ms),
-            seq=len(items_so_far),
-            recent_item_ids=items_so_far[-settings.recent_len :],
-        )
-        items_so_far.append(int(row.item_id))
-        records.append(StreamRecord(0, offset, sample, int(time.time() * 1000)))
-    for name in (*MODELS, "popular"):
-        trainer = ModelTrainer(name, catalog, TrainerOptions())
-        trainer.learn(records)
-        trainer.publish(registry, "training", keep=2)
-    return sorted(histories)
-
-
-def feast_reads(store: FeatureStoreClient, users: list[int], concurrency: int) -> Measured:
-    lock = threading.Lock()
-    latencies: list[float] = []
-    failures = 0
-
-    def read(user: int) -> None:
-        nonlocal failures
-        start = time.perf_counter()
-        try:
-            row = store.user_histories([user])[user]
-        except HymirecError:
-            row = None
-        elapsed = (time.perf_counter() - start) * 1000
-        with lock:
-            latencies.append(elapsed)
-            failures += row is None
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(read, users))
-    return Measured(np.asarray(latencies), time.perf_counter() - start, failures)
+@dataclass(frozen=True)
+class Level:
+    passes: dict[str, Pass]
+    floor: Measured
+    feast: Measured
+    lean: Measured
 
 
 async def api_requests(
@@ -183,33 +114,43 @@ async def api_requests(
     return Measured(np.asarray(latencies), wall, failures)
 
 
-def serve(settings: Settings, model: str, folder: Path) -> tuple[ServiceProcess, str]:
-    experiments = folder / f"experiments-{model}.yaml"
-    experiments.write_text(f"default_model: {model}\n")
-    service_settings = settings.model_copy(
-        update={"experiments_file": experiments, "serve_port": free_port()}
-    )
-    process = ServiceProcess(f"serve-{model}", ["serve"], service_settings).start()
-    deadline = time.monotonic() + 180
-    url = f"http://127.0.0.1:{service_settings.serve_port}"
-    while True:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if not process.alive() or time.monotonic() > deadline:
-            process.stop()
-            raise HymirecError(f"hymirec serve did not become ready:\n{process.tail()}")
-        time.sleep(0.2)
-    return process, url
+def measure_pass(url: str, pid: int | None, batch: list[int], concurrency: int) -> Pass:
+    hits0, misses0 = cache_lookups(httpx.get(f"{url}/metrics").text)
+    cpu0 = cpu_s(pid)
+    api = asyncio.run(api_requests(url, batch, concurrency))
+    cpu_ms = (cpu_s(pid) - cpu0) * 1000 / len(batch)
+    hits1, misses1 = cache_lookups(httpx.get(f"{url}/metrics").text)
+    lookups = (hits1 - hits0) + (misses1 - misses0)
+    return Pass(api, cpu_ms, (hits1 - hits0) / lookups if lookups else float("nan"))
+
+
+def run_model(
+    settings: Settings, model: str, folder: Path, batch: list[int], churn: HistoryChurn
+) -> dict[int, Level]:
+    process, url = serve(settings, model, folder)
+    levels: dict[int, Level] = {}
+    try:
+        asyncio.run(api_requests(url, batch[:50], 4))  # warm up
+        for concurrency in CONCURRENCY:
+            feast = feast_reads(settings, batch, concurrency)
+            lean = feast_reads(settings, batch, concurrency, lean=True)
+            churn.push(sorted(set(batch)))
+            passes = {regime: measure_pass(url, process.pid, batch, concurrency)
+                      for regime in REGIMES}  # fmt: skip
+            floor = asyncio.run(api_requests(url, batch, concurrency, "/health/live"))
+            levels[concurrency] = Level(passes, floor, feast, lean)
+            shown = ", ".join(f"{r} p50 {p.api.p50:.2f} ms" for r, p in passes.items())
+            print(f"{model} c={concurrency}: {shown}; floor p50 {floor.p50:.2f} ms", flush=True)
+    finally:
+        process.stop()
+    return levels
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--cache-dir", type=Path, default=Path(".hymirec/cache"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
-    parser.add_argument("--requests", type=int, default=943, help="per concurrency level")
+    parser.add_argument("--requests", type=int, default=943, help="per pass (943: each user once)")
     parser.add_argument("--train-ratings", type=int, default=5000)
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
@@ -217,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="hymirec-serving-bench-"))
     broker = LocalBroker(folder / "broker", port=free_port())
     broker.start()
-    results: dict[tuple[str, int], tuple[Measured, Measured, Measured]] = {}
+    results: dict[str, dict[int, Level]] = {}
     try:
         settings = Settings(
             data_dir=folder / "data",
@@ -231,22 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         users = prepare(settings, args.train_ratings)
         prepare_s = time.perf_counter() - start
+        churn = HistoryChurn(settings)
         batch = [users[i % len(users)] for i in range(args.requests)]
-        store = FeatureStoreClient(settings)
-        feast_reads(store, users[:50], 1)  # open the store, warm the page cache
         for model in MODELS:
-            process, url = serve(settings, model, folder)
-            try:
-                asyncio.run(api_requests(url, users[:50], 4))  # warm up
-                for concurrency in CONCURRENCY:
-                    feast = feast_reads(store, batch, concurrency)
-                    api = asyncio.run(api_requests(url, batch, concurrency))
-                    floor = asyncio.run(api_requests(url, batch, concurrency, "/health/live"))
-                    results[(model, concurrency)] = (api, feast, floor)
-                    print(f"{model} c={concurrency}: api p50 {api.p50:.2f} ms, feast p50 "
-                          f"{feast.p50:.2f} ms", flush=True)  # fmt: skip
-            finally:
-                process.stop()
+            results[model] = run_model(settings, model, folder, batch, churn)
     finally:
         broker.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -255,48 +184,75 @@ def main(argv: list[str] | None = None) -> None:
     append_section(args.results, report)
 
 
+def goals(results: dict[str, dict[int, Level]]) -> list[str]:
+    """Issue 19's goals at concurrency 1, per model and regime."""
+    lines = []
+    for model, levels in results.items():
+        level = levels.get(1)
+        if level is None:
+            continue
+        for regime, p in level.passes.items():
+            ratio = p.api.p50 / level.floor.p50
+            held = p.api.p50 <= 2.5 and p.api.p99 <= 8.0 and ratio <= 3.0
+            lines.append(
+                f"- **{'HELD' if held else 'MISSED'}** ({model}, {regime}): p50 {p.api.p50:.2f} "
+                f"ms (goal <= 2.5), p99 {p.api.p99:.2f} ms (goal <= 8), p50 = {ratio:.1f}x the "
+                f"HTTP floor's {level.floor.p50:.2f} ms (goal <= 3x)."
+            )
+    return lines
+
+
 def render(
     args: argparse.Namespace,
     argv: list[str] | None,
-    results: dict[tuple[str, int], tuple[Measured, Measured, Measured]],
+    results: dict[str, dict[int, Level]],
     prepare_s: float,
     load_before: float,
 ) -> str:
     command = " ".join(["python -m benchmarks.serving_latency", *(argv or sys.argv[1:])])
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     header = (
-        "| model | concurrency | API p50 ms | API p99 ms | API req/s | Feast p50 ms | "
-        "Feast p99 ms | Feast reads/s | p50 ratio | p99 ratio | throughput ratio | "
-        "HTTP floor p50 / p99 ms, req/s | failures |"
+        "| model | concurrency | history | API p50 / p99 ms | API req/s | service CPU ms/req | "
+        "cache hits | HTTP floor p50 / p99 ms, req/s | p50 / floor p50 | Feast read p50 / p99 "
+        "ms | service's read p50 / p99 ms | failures |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (model, concurrency), (api, feast, floor) in results.items():
-        lines.append(
-            f"| {model} | {concurrency} | {api.p50:.2f} | {api.p99:.2f} | {api.rate:,.0f} | "
-            f"{feast.p50:.2f} | {feast.p99:.2f} | {feast.rate:,.0f} | {api.p50 / feast.p50:.1f} | "
-            f"{api.p99 / feast.p99:.1f} | {feast.rate / api.rate:.1f} | "
-            f"{floor.p50:.2f} / {floor.p99:.2f}, {floor.rate:,.0f} | "
-            f"{api.failures + feast.failures + floor.failures} |"
-        )
+    lines = [header, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for model, levels in results.items():
+        for concurrency, level in levels.items():
+            floor, feast, lean = level.floor, level.feast, level.lean
+            for regime, p in level.passes.items():
+                failures = p.api.failures + floor.failures + feast.failures + lean.failures
+                lines.append(
+                    f"| {model} | {concurrency} | {regime} | {p.api.p50:.2f} / {p.api.p99:.2f} | "
+                    f"{p.api.rate:,.0f} | {p.cpu_ms:.2f} | {p.hit_share:.0%} | "
+                    f"{floor.p50:.2f} / {floor.p99:.2f}, {floor.rate:,.0f} | "
+                    f"{p.api.p50 / floor.p50:.1f} | {feast.p50:.3f} / {feast.p99:.3f} | "
+                    f"{lean.p50:.3f} / {lean.p99:.3f} | {failures} |"
+                )
     return "\n".join(
         [
             f"## Recommendation service latency — {when} — {machine()}",
             "",
             f"Command: `{command}`",
             "",
-            f"`hymirec serve` (uvicorn, one process, ranking on a thread pool of 2 threads per "
-            f"core, 1 torch thread each) on its own noida-db broker and a Feast SQLite online "
-            f"store holding all 943 ML-100K users' histories (R = 50 ids, P = 1000 codes); "
-            f"models trained on the first {args.train_ratings} ratings (set-up {prepare_s:.0f} s). "
-            f"Each level sends {args.requests} requests `GET /recommend?user_id=U&k={K}` cycling "
-            "through the users (all have histories: Feast read, model, seen-item mask, 10 "
-            "impressions to Kafka), from asyncio + httpx in another process; the bare Feast read "
-            "is `FeatureStoreClient.user_histories([U])` for the same users from as many threads, "
-            "measured just before. Latency is client-side; ratios are API / Feast (throughput: "
-            "Feast / API). The HTTP floor is `GET /health/live` (uvicorn, FastAPI and the httpx "
-            "client, no work) sent the same way right after. Everything shares the cores; "
-            "1-minute load average at start: "
+            "`hymirec serve` (uvicorn, one process, ranking threads one per CPU, 1 torch thread "
+            "each) on its own noida-db broker and a Feast SQLite online store holding all 943 "
+            f"ML-100K users' histories (R = 50 ids, P = 1000 codes); models trained on the first "
+            f"{args.train_ratings} ratings (set-up {prepare_s:.0f} s). Per level, "
+            f"{args.requests} requests `GET /recommend?user_id=U&k={K}` cycling through the users "
+            "(all have histories: online read, model, seen-item mask, one exposure record to "
+            "Kafka), from asyncio + httpx in another process: first right after every user's "
+            "online history got one more item (the service computes their interests: a cache "
+            "miss), then again with no history changed (interests from the cache). 'Feast read' is "
+            "the bare `FeatureStoreClient.user_histories([U])` (`get_online_features`) and "
+            "'service's read' the service's `HistoryRows` read, for the same users from as many "
+            "threads, measured just before; the HTTP floor is `GET /health/live` (uvicorn, "
+            "FastAPI and the httpx client, no work) sent the same way right after. Latency is "
+            "client-side; service CPU per request from /proc; cache hits are the service's own "
+            "count. Everything shares the cores; 1-minute load average at start: "
             f"{load_before:.2f}, at the end: {os.getloadavg()[0]:.2f}.",
+            "",
+            *goals(results),
             "",
             *lines,
             "",

@@ -201,7 +201,7 @@ def create_app(service: RecommendationService, workers: int | None = None) -> Fa
         user_id: UserIdParam,
         k: KParam = DEFAULT_K,
         experiment: ExperimentParam = None,
-    ) -> RecommendResponse:
+    ) -> Response:
         nonlocal inflight
         started = time.perf_counter()
         try:
@@ -231,7 +231,10 @@ def create_app(service: RecommendationService, workers: int | None = None) -> Fa
             inflight -= 1
             metrics.inflight(-1)
         metrics.observe(result.experiment, result.variant, 200, time.perf_counter() - started)
-        return RecommendResponse(**vars(result))
+        # Serialised here: a Response is sent as it is, where a model would be validated again
+        # against ``response_model`` (which still documents the schema).
+        body = RecommendResponse(**vars(result)).model_dump_json()
+        return Response(body, media_type="application/json")
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:

@@ -10,7 +10,10 @@
 - ``hymirec_exposure_failures_total``: responses whose impressions could not be queued;
 - ``hymirec_model_version_info{model, version}``: 1 for each registry version in service;
 - ``hymirec_model_swaps_total{model}``: versions swapped in (the first load included);
-- ``hymirec_model_load_failures``: registry versions that failed to load (the old one stayed).
+- ``hymirec_model_load_failures``: registry versions that failed to load (the old one stayed);
+- ``hymirec_interest_cache_lookups_total{model, result}``: rankings whose user interests came
+  from the cache (``hit``: the user's history had not changed since they were computed) or were
+  computed (``miss``), over every version of the model served so far.
 
 Why not prometheus_client's ``Counter``/``Histogram`` objects: importing ``feast.metrics`` sets
 ``PROMETHEUS_MULTIPROCESS_DIR`` in the process environment, which switches those classes to
@@ -78,11 +81,16 @@ class ServingMetrics:
         self._inflight = 0
         self._exposure_failures = 0
         self._load_failures: Callable[[], float] = lambda: 0.0
+        self._cache_lookups: Callable[[], dict[str, tuple[int, int]]] = dict
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
     def track_load_failures(self, read: Callable[[], float]) -> None:
         self._load_failures = read
+
+    def track_cache_lookups(self, read: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        """``read()`` gives (hits, misses) of the interest cache per model."""
+        self._cache_lookups = read
 
     def model_swapped(self, old: LoadedModel | None, new: LoadedModel) -> None:
         with self._lock:
@@ -174,6 +182,15 @@ class ServingMetrics:
             "Registry versions that failed to load",
             value=self._load_failures(),
         )
+        lookups = CounterMetricFamily(
+            "hymirec_interest_cache_lookups",
+            "Rankings whose user interests came from the cache (hit) or were computed (miss)",
+            labels=["model", "result"],
+        )
+        for model, (hits, misses) in sorted(self._cache_lookups().items()):
+            lookups.add_metric([model, "hit"], hits)
+            lookups.add_metric([model, "miss"], misses)
+        yield lookups
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -202,7 +202,7 @@ class LoadedModel:
             cached = self.interest_cache.get(history.user_id, key)
             if cached is not None:
                 return cached
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping; same kernels, same numbers
             interests = self._compute_interests(history).float()
         if key:
             assert history is not None
@@ -309,6 +309,7 @@ class ModelPool:
         self._thread: threading.Thread | None = None
         self.load_failures = 0
         self.last_poll_ms: int | None = None
+        self._retired_lookups: dict[str, tuple[int, int]] = {}  # of versions swapped out
 
     def get(self, name: str) -> LoadedModel | None:
         """The version in service for ``name`` (None before its first version)."""
@@ -320,6 +321,15 @@ class ModelPool:
 
     def current(self) -> dict[str, LoadedModel]:
         return dict(self._current)
+
+    def cache_lookups(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) of the interest caches per model, every version served so far."""
+        out = dict(self._retired_lookups)
+        for loaded in [self.prior, *self._current.values()]:
+            hits, misses = out.get(loaded.name, (0, 0))
+            cache = loaded.interest_cache
+            out[loaded.name] = (hits + cache.hits, misses + cache.misses)
+        return out
 
     def refresh(self) -> list[LoadedModel]:
         """Load every watched model whose ``LATEST`` moved; return the versions swapped in.
@@ -353,6 +363,10 @@ class ModelPool:
         if old is not None and old.version == loaded.version:
             return None
         self._current = {**self._current, name: loaded}  # one reference assignment: atomic
+        if old is not None:
+            hits, misses = self._retired_lookups.get(name, (0, 0))
+            cache = old.interest_cache  # requests still on the old version may add a few more
+            self._retired_lookups[name] = (hits + cache.hits, misses + cache.misses)
         log.info("serving %s %s (was %s)", name, loaded.version, old.version if old else "none")
         if self.on_swap is not None:
             self.on_swap(old, loaded)

@@ -82,6 +82,7 @@ class RecommendationService:
         self.metrics = metrics
         self.hold = hold
         metrics.track_load_failures(lambda: float(pool.load_failures))
+        metrics.track_cache_lookups(pool.cache_lookups)
 
     @classmethod
     def build(

@@ -263,6 +263,11 @@ def test_metrics_status_and_schema(api: Api) -> None:
         if s.name.endswith("_count")
     }
     assert latency == {"treatment": 3}
+    lookups = {
+        (s.labels["model"], s.labels["result"]): s.value
+        for s in families["hymirec_interest_cache_lookups"].samples
+    }
+    assert (lookups[("hymirec", "miss")], lookups[("hymirec", "hit")]) == (1, 2)  # same history
     versions = {
         s.labels["model"]: s.labels["version"]
         for s in families["hymirec_model_version_info"].samples
