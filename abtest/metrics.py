@@ -29,14 +29,33 @@ keeps it as the reference): counts exactly, latency sums up to float summation o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
 
+import numpy as np
 import pandas as pd
 from clickhouse_connect.driver.client import Client
 
 from abtest.clickhouse import query_df
+from abtest.stats import (
+    ProportionStatistic,
+    RatioStatistic,
+    RegressionAdjustedStatistic,
+    SampleMeanStatistic,
+)
 
-__all__ = ["USER_METRIC_COLUMNS", "ExperimentMetrics", "user_metrics"]
+__all__ = [
+    "SUM_COLUMNS",
+    "USER_METRIC_COLUMNS",
+    "ExperimentMetrics",
+    "ExperimentSums",
+    "VariantSums",
+    "user_metrics",
+    "variant_sums",
+    "variant_sums_from_users",
+]
 
 MS_PER_DAY = 86_400_000
 
@@ -151,6 +170,27 @@ LEFT JOIN outcome AS o ON x.user_id = o.user_id
 
 _USER_METRICS_SQL = f"SELECT * FROM ({_USER_ROWS_SQL}) ORDER BY user_id"
 
+SUM_COLUMNS: tuple[str, ...] = USER_METRIC_COLUMNS[3:]
+"""The per-user columns that ``variant_sums`` sums: all but user, variant and first exposure."""
+
+_PAIRS: tuple[tuple[str, str], ...] = tuple(combinations(SUM_COLUMNS, 2))
+_FLOAT_COLUMNS = frozenset({"latency_ms_sum"})
+
+# Per variant, over the included users: n, and for each column Σx, Σx² and Σxy with every later
+# column. The aliases are built from the constant column names above, never from input. Integer
+# columns sum as Int64, exactly (numpy's float sums of the same integers are exact too).
+_SUMS = ", ".join(
+    [f"sumIf({c}, NOT mixed) AS sum__{c}" for c in SUM_COLUMNS]
+    + [f"sumIf({c} * {c}, NOT mixed) AS sq__{c}" for c in SUM_COLUMNS]
+    + [f"sumIf({a} * {b}, NOT mixed) AS prod__{a}__{b}" for a, b in _PAIRS]
+)
+_VARIANT_SUMS_SQL = f"""
+SELECT variant, countIf(NOT mixed) AS n, countIf(mixed) AS excluded, {_SUMS}
+FROM ({_USER_ROWS_SQL})
+GROUP BY variant
+ORDER BY variant
+"""
+
 _DTYPES: dict[str, str] = {
     "user_id": "uint64",
     "variant": "object",
@@ -190,3 +230,114 @@ def user_metrics(client: Client, experiment: str, *, pre_days: int) -> Experimen
     mixed = raw["mixed"].astype(bool)
     users = raw.loc[~mixed, list(USER_METRIC_COLUMNS)].astype(_DTYPES).reset_index(drop=True)
     return ExperimentMetrics(experiment, users, int(mixed.sum()), pre_days)
+
+
+@dataclass(frozen=True)
+class VariantSums:
+    """Sufficient statistics of one variant's included users, mergeable with ``+``: the count,
+    and for each of ``SUM_COLUMNS`` Σx and Σx², and Σxy for each pair (keys in ``SUM_COLUMNS``
+    order). The methods give the statistics engine's per-arm inputs (gbstats' design)."""
+
+    n: int
+    sums: Mapping[str, float]
+    squares: Mapping[str, float]
+    products: Mapping[tuple[str, str], float]
+
+    def __add__(self, other: VariantSums) -> VariantSums:
+        return VariantSums(
+            self.n + other.n,
+            {c: self.sums[c] + other.sums[c] for c in SUM_COLUMNS},
+            {c: self.squares[c] + other.squares[c] for c in SUM_COLUMNS},
+            {p: self.products[p] + other.products[p] for p in _PAIRS},
+        )
+
+    def product(self, a: str, b: str) -> float:
+        """Σ a·b over the users (either order of the two columns)."""
+        if a == b:
+            return self.squares[a]
+        return self.products[(a, b)] if (a, b) in self.products else self.products[(b, a)]
+
+    def mean(self, column: str) -> SampleMeanStatistic:
+        return SampleMeanStatistic(self.n, self.sums[column], self.squares[column])
+
+    def proportion(self, column: str) -> ProportionStatistic:
+        return ProportionStatistic(self.n, int(self.sums[column]))
+
+    def ratio(self, numerator: str, denominator: str) -> RatioStatistic:
+        return RatioStatistic(
+            self.n,
+            self.sums[numerator],
+            self.squares[numerator],
+            self.sums[denominator],
+            self.squares[denominator],
+            self.product(numerator, denominator),
+        )
+
+    def regression(self, post: str, pre: str) -> RegressionAdjustedStatistic:
+        """``post`` adjusted by the covariate ``pre`` (CUPED)."""
+        return RegressionAdjustedStatistic(
+            self.n,
+            self.sums[post],
+            self.squares[post],
+            self.sums[pre],
+            self.squares[pre],
+            self.product(post, pre),
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentSums:
+    """Per variant (sorted), the sums of its included users; ``excluded_users`` as in
+    :class:`ExperimentMetrics`. A variant whose users were all excluded is not listed."""
+
+    experiment: str
+    variants: Mapping[str, VariantSums]
+    excluded_users: int
+    pre_days: int
+
+    @property
+    def users(self) -> dict[str, int]:
+        return {v: s.n for v, s in self.variants.items()}
+
+
+def _number(value: Any, *columns: str) -> float:
+    """A sum as float when a float column enters it, else as an exact int."""
+    return float(value) if _FLOAT_COLUMNS.intersection(columns) else int(value)
+
+
+def variant_sums(client: Client, experiment: str, *, pre_days: int) -> ExperimentSums:
+    """The sums of ``user_metrics``' columns per variant, computed where the data lives (one row
+    per variant comes back, not one per user): ``variant_sums_from_users(user_metrics(...))``."""
+    if pre_days < 0:
+        raise ValueError(f"pre_days must be >= 0, got {pre_days}")
+    raw = query_df(
+        client,
+        _VARIANT_SUMS_SQL,
+        {"experiment": experiment, "pre_window_ms": pre_days * MS_PER_DAY},
+    )
+    variants: dict[str, VariantSums] = {}
+    for row in [] if raw.empty else raw.to_dict("records"):
+        if row["n"] > 0:
+            variants[str(row["variant"])] = VariantSums(
+                int(row["n"]),
+                {c: _number(row[f"sum__{c}"], c) for c in SUM_COLUMNS},
+                {c: _number(row[f"sq__{c}"], c) for c in SUM_COLUMNS},
+                {(a, b): _number(row[f"prod__{a}__{b}"], a, b) for a, b in _PAIRS},
+            )
+    excluded = 0 if raw.empty else int(raw["excluded"].sum())
+    return ExperimentSums(experiment, variants, excluded, pre_days)
+
+
+def variant_sums_from_users(metrics: ExperimentMetrics) -> ExperimentSums:
+    """The same sums from a per-user frame, with numpy (pure; the reference ``variant_sums`` is
+    tested against)."""
+    variants = {}
+    for variant, frame in metrics.users.groupby("variant", sort=True):
+        x = {c: frame[c].to_numpy(dtype=np.float64) for c in SUM_COLUMNS}
+        variants[str(variant)] = VariantSums(
+            len(frame),
+            {c: _number(x[c].sum(), c) for c in SUM_COLUMNS},
+            {c: _number(np.dot(x[c], x[c]), c) for c in SUM_COLUMNS},
+            {(a, b): _number(np.dot(x[a], x[b]), a, b) for a, b in _PAIRS},
+        )
+    return ExperimentSums(metrics.experiment, variants, metrics.excluded_users, metrics.pre_days)

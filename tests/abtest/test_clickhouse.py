@@ -1,7 +1,8 @@
 """The ClickHouse adapter on a real chdb engine in a temp directory.
 
-The schema, deduplication before any merge, error translation, and what happens when a second
-process opens a chdb directory that another process holds (the engine locks it).
+The schema, deduplication before any merge, error translation, what happens when a second
+process opens a chdb directory that another process holds (the engine locks it), and the
+migration of a version-1 directory (also when interrupted): every row kept, the same readout.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from clickhouse_connect.driver.client import Client
 
@@ -24,13 +26,24 @@ from abtest.clickhouse import (
     command,
     ensure_schema,
     insert_events,
+    load_item_dimension,
     open_client,
     query_df,
 )
+from abtest.metrics import user_metrics
 from hymirec.cli import main
 from hymirec.errors import AnalyticsError
 from hymirec.settings import Settings
 from streaming.schema import Event
+from tests.abtest.test_metrics import (
+    EXP,
+    PRE_DAYS,
+    assert_frame_matches_version_1,
+    insert_with_redeliveries,
+    random_events,
+    random_items,
+)
+from tests.abtest.version1 import VERSION_1_SCHEMA, version_1_user_metrics
 from tests.conftest import free_port
 
 
@@ -169,3 +182,101 @@ def test_owner_pid_is_none_for_servers_and_for_a_dead_owner(tmp_path: Path) -> N
     directory.mkdir()
     (directory / "status").write_text("PID: 999999999\nStarted at: then\n")  # no such process
     assert chdb_owner_pid(f"chdb:///{directory}") is None
+
+
+def version_1_directory(client: Client, seed: int) -> np.random.Generator:
+    """The tables as the version-1 code created them, with events redelivered across parts."""
+    for statement in VERSION_1_SCHEMA:
+        command(client, statement)
+    command(client, "SYSTEM STOP MERGES events")
+    rng = np.random.default_rng(seed)
+    load_item_dimension(client, random_items(rng))
+    insert_with_redeliveries(client, rng, random_events(rng, users=80))
+    return rng
+
+
+def tables(client: Client) -> dict[str, str]:
+    """The tables of the database and their sorting keys."""
+    frame = query_df(
+        client, "SELECT name, sorting_key FROM system.tables WHERE database = currentDatabase()"
+    )
+    return dict(zip(frame["name"], frame["sorting_key"], strict=True))
+
+
+def stored(client: Client) -> list[tuple[str, str, int]]:
+    """Every distinct event (id, type, time), sorted: what the migration must keep."""
+    frame = query_df(
+        client,
+        "SELECT toString(event_id) AS id, toString(event_type) AS kind, ts_ms FROM events FINAL "
+        "ORDER BY id",
+    )
+    return list(frame.itertuples(index=False, name=None))
+
+
+def assert_reads_out_as_version_1(client: Client) -> None:
+    reference, excluded = version_1_user_metrics(client, EXP, pre_days=PRE_DAYS)
+    metrics = user_metrics(client, EXP, pre_days=PRE_DAYS)
+    assert metrics.excluded_users == excluded
+    assert_frame_matches_version_1(metrics.users, reference)
+
+
+def test_a_version_1_directory_is_migrated_and_reads_out_the_same(settings: Settings) -> None:
+    client = open_client(settings)  # no ensure_schema: the directory as version 1 left it
+    try:
+        rng = version_1_directory(client, seed=3)
+        before = stored(client)
+        reference, excluded = version_1_user_metrics(client, EXP, pre_days=PRE_DAYS)
+        ensure_schema(client)
+        assert scalar(client, "SELECT max(version) FROM schema_version") == SCHEMA_VERSION
+        assert tables(client) == {
+            "events": "event_type, experiment, user_id, event_id",
+            "exposure_requests": "experiment, user_id, request_id",
+            "exposure_requests_mv": "",
+            "items": "item_id",
+            "schema_version": "version",
+        }
+        assert stored(client) == before  # every event kept (copies in one insert collapse)
+        metrics = user_metrics(client, EXP, pre_days=PRE_DAYS)
+        assert metrics.excluded_users == excluded
+        assert_frame_matches_version_1(metrics.users, reference)
+
+        ensure_schema(client)  # up to date: nothing happens
+        assert stored(client) == before
+        # New events after the migration reach exposure_requests through the view.
+        insert_with_redeliveries(client, rng, random_events(rng, users=40, first_user=1000))
+        assert_reads_out_as_version_1(client)
+    finally:
+        client.close()
+
+
+def test_a_migration_interrupted_after_the_rename_is_completed(settings: Settings) -> None:
+    client = open_client(settings)
+    try:
+        version_1_directory(client, seed=4)
+        before = stored(client)
+        # As if the process died right after moving the old table aside.
+        command(client, "RENAME TABLE events TO events_migrating")
+        ensure_schema(client)
+        assert stored(client) == before
+        assert "events_migrating" not in tables(client)
+        assert_reads_out_as_version_1(client)
+    finally:
+        client.close()
+
+
+def test_an_interrupted_backfill_runs_again_and_changes_no_number(client: Client) -> None:
+    command(client, "SYSTEM STOP MERGES exposure_requests")
+    rng = np.random.default_rng(5)
+    load_item_dimension(client, random_items(rng))
+    insert_with_redeliveries(client, rng, random_events(rng, users=80))
+    assert_reads_out_as_version_1(client)
+    # The version mark is written last: without it the backfill runs again, over rows the view
+    # already wrote (a second copy of every request changes no minimum or maximum) ...
+    command(client, "TRUNCATE TABLE schema_version")
+    ensure_schema(client)
+    assert_reads_out_as_version_1(client)
+    # ... and over an empty table, as if the process died before the backfill.
+    command(client, "TRUNCATE TABLE schema_version")
+    command(client, "TRUNCATE TABLE exposure_requests")
+    ensure_schema(client)
+    assert_reads_out_as_version_1(client)
