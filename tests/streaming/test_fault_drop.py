@@ -7,7 +7,7 @@ import pytest
 
 from hymirec.errors import ConfigError
 from hymirec.settings import Settings
-from streaming.app import fault_drops
+from streaming.batch import fault_drops
 
 
 def test_spec_gives_the_offsets_per_partition() -> None:

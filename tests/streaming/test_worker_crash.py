@@ -20,9 +20,9 @@ from hymirec.demo import wait_for_histories
 from hymirec.movielens import load_ratings, replay_histories
 from hymirec.processes import ServiceProcess
 from hymirec.settings import Settings
-from streaming.app import EXIT_BATCH_FAILED
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events, replay_events
+from streaming.worker import EXIT_BATCH_FAILED
 from tests.conftest import committed_offsets, end_offsets, wait_until
 from tests.streaming.test_pipeline import read_topic
 
