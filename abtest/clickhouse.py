@@ -95,9 +95,10 @@ EVENT_COLUMNS: tuple[str, ...] = (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """1: ``events`` ordered by (user_id, event_id). 2: ordered by (event_type, experiment, user_id,
-event_id), and the ``exposure_requests`` aggregate kept by a materialised view."""
+event_id), and the ``exposure_requests`` aggregate kept by a materialised view. 3: the
+``exposure_users`` aggregate, kept the same way."""
 
 _EVENTS_KEY = "event_type, experiment, user_id, event_id"
 
@@ -179,7 +180,37 @@ _SCHEMA_VERSION_TABLE = """
     ORDER BY version
 """
 
-_BACKFILL_EXPOSURE_REQUESTS = """
+# One row per (experiment, user) of the exposures: the first one and the smallest and largest
+# variant, so a readout finds its users and their variant without reading a row per request.
+_EXPOSURE_USERS_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS exposure_users (
+        experiment LowCardinality(String),
+        user_id UInt64,
+        variant_min SimpleAggregateFunction(min, LowCardinality(String)),
+        variant_max SimpleAggregateFunction(max, LowCardinality(String)),
+        first_ts_ms SimpleAggregateFunction(min, Int64)
+    )
+    ENGINE = AggregatingMergeTree
+    ORDER BY (experiment, user_id)
+    """,
+    """
+    CREATE MATERIALIZED VIEW IF NOT EXISTS exposure_users_mv TO exposure_users AS
+    SELECT
+        assumeNotNull(experiment) AS experiment,
+        user_id,
+        assumeNotNull(variant) AS variant_min,
+        assumeNotNull(variant) AS variant_max,
+        ts_ms AS first_ts_ms
+    FROM events
+    WHERE event_type = 'impression' AND experiment IS NOT NULL AND variant IS NOT NULL
+    """,
+)
+
+# What each version adds to a directory that had the one before: its aggregates filled from the
+# events already stored (the views see only new inserts).
+_BACKFILLS: dict[int, str] = {
+    2: """
     INSERT INTO exposure_requests
     SELECT
         assumeNotNull(experiment),
@@ -191,7 +222,14 @@ _BACKFILL_EXPOSURE_REQUESTS = """
         latency_ms
     FROM events
     WHERE event_type = 'impression' AND experiment IS NOT NULL AND variant IS NOT NULL
-"""
+    """,
+    3: """
+    INSERT INTO exposure_users
+    SELECT assumeNotNull(experiment), user_id, assumeNotNull(variant), assumeNotNull(variant), ts_ms
+    FROM events
+    WHERE event_type = 'impression' AND experiment IS NOT NULL AND variant IS NOT NULL
+    """,
+}
 
 
 def chdb_owner_pid(dsn: str) -> int | None:
@@ -291,9 +329,10 @@ def ensure_schema(client: Client) -> None:
 
     Version 1 -> 2: the old ``events`` moves aside (``events_migrating``) in the same RENAME that
     puts an empty table with the new order in its place, so the sink keeps inserting; the old rows
-    are copied over and the old table dropped. Then ``exposure_requests`` and its view are
-    created and filled from ``events``: rows that both the view and the backfill see are merged
-    by ``min``/``max``, which a second copy cannot change.
+    are copied over and the old table dropped. Each later version's aggregate tables and views
+    are created, then filled from ``events`` (``_BACKFILLS``), and the version is recorded last:
+    rows that both a view and a backfill see (or a backfill run twice) are merged by ``min`` and
+    ``max``, which a second copy cannot change.
     """
     command(client, _SCHEMA_VERSION_TABLE)
     command(client, _ITEMS_SCHEMA)
@@ -307,15 +346,16 @@ def ensure_schema(client: Client) -> None:
     if "events_migrating" in keys:
         command(client, "INSERT INTO events SELECT * FROM events_migrating")
         command(client, "DROP TABLE events_migrating")
-    for statement in _EXPOSURE_REQUESTS_SCHEMA:
+    for statement in (*_EXPOSURE_REQUESTS_SCHEMA, *_EXPOSURE_USERS_SCHEMA):
         command(client, statement)
-    if _schema_version(client) < SCHEMA_VERSION:
-        log.info("ClickHouse: filling exposure_requests from events (schema version 2)")
-        command(client, _BACKFILL_EXPOSURE_REQUESTS)
+    for version in range(_schema_version(client) + 1, SCHEMA_VERSION + 1):
+        if version in _BACKFILLS:
+            log.info("ClickHouse: filling the aggregates of schema version %d from events", version)
+            command(client, _BACKFILLS[version])
         command(
             client,
             "INSERT INTO schema_version (version) VALUES ({version:UInt32})",
-            {"version": SCHEMA_VERSION},
+            {"version": version},
         )
 
 

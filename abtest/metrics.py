@@ -21,10 +21,14 @@ Definitions (the user is the unit of randomisation and of analysis):
   before the experiment).
 
 Every read of ``events`` and ``items`` uses ``FINAL`` (see ``abtest.clickhouse``), so redelivered
-events count once even before ClickHouse merges the parts that hold the copies; the per-request
-facts come from ``exposure_requests`` (minima and maxima over the impressions, which copies cannot
-change). The numbers are those of the seven-scan query this replaced (``tests/abtest``
-keeps it as the reference): counts exactly, latency sums up to float summation order.
+events count once even before ClickHouse merges the parts that hold the copies; the per-user and
+per-request exposure facts come from ``exposure_users`` and ``exposure_requests`` (minima and
+maxima over the impressions, which copies cannot change). The numbers are those of the
+seven-scan query this replaced (``tests/abtest/version1.py`` keeps it as the reference): counts
+exactly, latency sums up to float summation order.
+
+``variant_sums`` returns the same frame summed per variant (n, Σx, Σx², Σxy), computed where the
+data lives, for a readout that needs only the sufficient statistics.
 """
 
 from __future__ import annotations
@@ -80,8 +84,9 @@ USER_METRIC_COLUMNS: tuple[str, ...] = (
 # Every CTE is used once (ClickHouse inlines each use, so a CTE used twice is computed twice), and
 # each reads one key range: ``events`` is ordered by (event_type, experiment, user_id, event_id),
 # so the experiment's impressions, its errors and the positive events lie in separate ranges.
-# The per-request facts (first exposure, variants, distinct requests, each request's latency)
-# come from ``exposure_requests``, a fifth of the rows and no GROUP BY over request id strings.
+# The exposed users, their variants and first exposures come from ``exposure_users`` (a row per
+# user), the distinct requests and each request's latency from ``exposure_requests`` (a row per
+# request: a fifth of the impressions, and no GROUP BY over request id strings).
 # PREWHERE (not WHERE) on the FINAL reads filters rows before the copies are collapsed, which is
 # exact because the copies of an event are identical in every column but ingested_at; it spares
 # FINAL from merging the rows that the filter drops.
@@ -92,7 +97,14 @@ WITH
             user_id,
             min(variant_min) AS exposed_variant,
             max(variant_max) != min(variant_min) AS mixed,
-            min(first_ts_ms) AS first_exposure_ms,
+            min(first_ts_ms) AS first_exposure_ms
+        FROM exposure_users FINAL
+        WHERE experiment = {experiment:String}
+        GROUP BY user_id
+    ),
+    requests AS (
+        SELECT
+            user_id,
             countIf(request_id IS NOT NULL) AS exposures,
             sum(latency_ms) AS latency_ms_sum,
             count(latency_ms) AS latency_requests
@@ -102,7 +114,7 @@ WITH
     ),
     first_exposure AS (
         SELECT user_id, min(first_ts_ms) AS first_exposure_ms
-        FROM exposure_requests FINAL
+        FROM exposure_users FINAL
         WHERE experiment = {experiment:String}
         GROUP BY user_id
     ),
@@ -151,18 +163,19 @@ SELECT
     toString(x.exposed_variant) AS variant,
     x.mixed AS mixed,
     toInt64(x.first_exposure_ms) AS first_exposure_ms,
-    toInt64(x.exposures) AS exposures,
+    toInt64(r.exposures) AS exposures,
     toInt64(coalesce(s.impressions, 0)) AS impressions,
     toInt64(coalesce(o.clicks, 0)) AS clicks,
     toInt64(coalesce(o.plays, 0)) AS plays,
     toInt64(coalesce(o.plays, 0) > 0) AS converted,
     toInt64(coalesce(o.genres_consumed, 0)) AS genres_consumed,
-    toFloat64(coalesce(x.latency_ms_sum, 0)) AS latency_ms_sum,
-    toInt64(x.latency_requests) AS latency_requests,
+    toFloat64(coalesce(r.latency_ms_sum, 0)) AS latency_ms_sum,
+    toInt64(r.latency_requests) AS latency_requests,
     toInt64(coalesce(f.errors, 0)) AS errors,
-    toInt64(x.exposures + coalesce(f.errors, 0)) AS requests,
+    toInt64(r.exposures + coalesce(f.errors, 0)) AS requests,
     toInt64(coalesce(o.pre_positive_events, 0)) AS pre_positive_events
 FROM exposure AS x
+INNER JOIN requests AS r ON x.user_id = r.user_id
 LEFT JOIN shown AS s ON x.user_id = s.user_id
 LEFT JOIN failures AS f ON x.user_id = f.user_id
 LEFT JOIN outcome AS o ON x.user_id = o.user_id

@@ -98,10 +98,16 @@ def test_schema_is_idempotent_and_keyed_for_deduplication(client: Client) -> Non
             "sorting_key": "experiment, user_id, request_id",
         },
         {"name": "exposure_requests_mv", "engine": "MaterializedView", "sorting_key": ""},
+        {
+            "name": "exposure_users",
+            "engine": "AggregatingMergeTree",
+            "sorting_key": "experiment, user_id",
+        },
+        {"name": "exposure_users_mv", "engine": "MaterializedView", "sorting_key": ""},
         {"name": "items", "engine": "ReplacingMergeTree", "sorting_key": "item_id"},
         {"name": "schema_version", "engine": "MergeTree", "sorting_key": "version"},
     ]
-    assert scalar(client, "SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 2
+    assert scalar(client, "SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 3
 
 
 def test_redelivered_events_count_once_before_any_merge(client: Client) -> None:
@@ -232,6 +238,8 @@ def test_a_version_1_directory_is_migrated_and_reads_out_the_same(settings: Sett
             "events": "event_type, experiment, user_id, event_id",
             "exposure_requests": "experiment, user_id, request_id",
             "exposure_requests_mv": "",
+            "exposure_users": "experiment, user_id",
+            "exposure_users_mv": "",
             "items": "item_id",
             "schema_version": "version",
         }
@@ -266,6 +274,7 @@ def test_a_migration_interrupted_after_the_rename_is_completed(settings: Setting
 
 def test_an_interrupted_backfill_runs_again_and_changes_no_number(client: Client) -> None:
     command(client, "SYSTEM STOP MERGES exposure_requests")
+    command(client, "SYSTEM STOP MERGES exposure_users")
     rng = np.random.default_rng(5)
     load_item_dimension(client, random_items(rng))
     insert_with_redeliveries(client, rng, random_events(rng, users=80))
@@ -275,8 +284,17 @@ def test_an_interrupted_backfill_runs_again_and_changes_no_number(client: Client
     command(client, "TRUNCATE TABLE schema_version")
     ensure_schema(client)
     assert_reads_out_as_version_1(client)
-    # ... and over an empty table, as if the process died before the backfill.
+    # ... and over empty tables, as if the process died before the backfills ...
     command(client, "TRUNCATE TABLE schema_version")
     command(client, "TRUNCATE TABLE exposure_requests")
+    command(client, "TRUNCATE TABLE exposure_users")
     ensure_schema(client)
+    assert_reads_out_as_version_1(client)
+    # ... or a version-2 directory, which has no exposure_users yet.
+    command(client, "TRUNCATE TABLE schema_version")
+    command(client, "INSERT INTO schema_version (version) VALUES (1), (2)")
+    command(client, "DROP TABLE exposure_users_mv")
+    command(client, "DROP TABLE exposure_users")
+    ensure_schema(client)
+    assert scalar(client, "SELECT max(version) FROM schema_version") == SCHEMA_VERSION
     assert_reads_out_as_version_1(client)
