@@ -36,6 +36,7 @@ import pandas as pd
 from clickhouse_connect.driver.client import Client
 
 from abtest.clickhouse import (
+    SCHEMA_VERSION,
     analytics_client,
     command,
     insert_event_frame,
@@ -277,7 +278,7 @@ def time_queries(client: Client, days: int, timings: list[Timing], label: str) -
 
 
 def merge(client: Client) -> None:
-    for table in ("events", "exposure_requests"):
+    for table in ("events", "exposure_users", "exposure_requests"):
         command(client, f"OPTIMIZE TABLE {table} FINAL")
 
 
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             sums = time_queries(client, days, timings, label)
             params = {"experiment": EXPERIMENT, "pre_window_ms": days * MS_PER_DAY}
             events_only = timed(
-                "hand-written query on events alone (no exposure_requests)",
+                "hand-written query on events and items alone (no aggregates)",
                 timings,
                 lambda: query_df(client, EVENTS_ONLY_SQL, params),
             )
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
                 lambda: experiment_readout(client, EXPERIMENT, pre_days=days),
             )
             timed(
-                "OPTIMIZE TABLE ... FINAL (events, exposure_requests)",
+                "OPTIMIZE TABLE ... FINAL (events and the aggregates)",
                 timings,
                 lambda: merge(client),
             )
@@ -381,7 +382,7 @@ def render(
             f"chunk redelivered in a separate insert) for {loaded.users:,} users, "
             f"{len(metrics.users):,} of them exposed; two variants, true click lift "
             f"{args.effect:+.0%}, seed 0. chdb through clickhouse-connect, one process, temp "
-            "directory, schema version 2. Query steps: the fastest of "
+            f"directory, schema version {SCHEMA_VERSION}. Query steps: the fastest of "
             f"{REPEAT} interleaved runs. The readout's SQL against the hand-written query of the "
             f"same sums in the same run: {ours[1] / hand[1]:.2f}× wall, {ours[2] / hand[2]:.2f}× "
             "CPU; both, and the events-only query, agree (integer sums exactly, latency sums to "

@@ -1,12 +1,13 @@
 """The readout benchmark's references: two hand-written queries of the same per-variant sums, and
 the readout table computed from per-variant sums.
 
-``HAND_WRITTEN_SQL`` reads the same tables as ``abtest.metrics`` (``events``,
-``exposure_requests``, ``items``) in one flat statement, as one would write it by hand: the
-yardstick for the readout's SQL in the same run. ``EVENTS_ONLY_SQL`` does not use the
-``exposure_requests`` aggregate: it groups the impressions by request id itself and takes the
-outcomes from per-user arrays rather than a join, so its agreement with ``variant_sums`` checks the
-materialised view too; it is what the same numbers cost without the schema's help. Each CTE is
+``HAND_WRITTEN_SQL`` reads the same tables as ``abtest.metrics`` (``events``, ``exposure_users``,
+``exposure_requests``, ``items``) in one flat statement, as one would write it by hand (the genre
+count over the genre names): the yardstick for the readout's SQL in the same run.
+``EVENTS_ONLY_SQL`` uses neither aggregate: it groups the impressions by request id itself and
+takes the outcomes from per-user arrays rather than a join, so its agreement with
+``variant_sums`` checks the materialised views too; it is what the same numbers cost without the
+schema's help. Each CTE is
 used once (ClickHouse inlines every use). Both name their columns as ``abtest.metrics``'
 variant-sums query does (``n``, ``excluded``, ``sum__c``, ``sq__c``, ``prod__a__b``).
 
@@ -124,18 +125,21 @@ SELECT toString(variant) AS variant, countIf(NOT mixed) AS n, countIf(mixed) AS 
 FROM (
     SELECT
         x.user_id AS user_id, x.variant AS variant, x.mixed AS mixed,
-        x.exposures AS exposures, s.impressions AS impressions,
+        q.exposures AS exposures, s.impressions AS impressions,
         o.clicks AS clicks, o.plays AS plays, toInt64(o.plays > 0) AS converted,
         o.genres_consumed AS genres_consumed,
-        x.latency_ms_sum AS latency_ms_sum, x.latency_requests AS latency_requests,
-        f.errors AS errors, x.exposures + f.errors AS requests,
+        q.latency_ms_sum AS latency_ms_sum, q.latency_requests AS latency_requests,
+        f.errors AS errors, q.exposures + f.errors AS requests,
         o.pre_positive_events AS pre_positive_events
     FROM (
-        SELECT user_id, min(variant_min) AS variant, max(variant_max) != min(variant_min) AS mixed,
-            countIf(request_id IS NOT NULL) AS exposures, sum(latency_ms) AS latency_ms_sum,
-            count(latency_ms) AS latency_requests
-        FROM exposure_requests FINAL WHERE experiment = {{experiment:String}} GROUP BY user_id
+        SELECT user_id, min(variant_min) AS variant, max(variant_max) != min(variant_min) AS mixed
+        FROM exposure_users FINAL WHERE experiment = {{experiment:String}} GROUP BY user_id
     ) AS x
+    INNER JOIN (
+        SELECT user_id, countIf(request_id IS NOT NULL) AS exposures,
+            sum(latency_ms) AS latency_ms_sum, count(latency_ms) AS latency_requests
+        FROM exposure_requests FINAL WHERE experiment = {{experiment:String}} GROUP BY user_id
+    ) AS q ON q.user_id = x.user_id
     LEFT JOIN (
         SELECT user_id, count() AS impressions FROM events FINAL
         PREWHERE event_type = 'impression' AND experiment = {{experiment:String}}
@@ -155,7 +159,7 @@ FROM (
             uniqExactArrayIf(i.genre_set, p.ts_ms >= e.first_ms) AS genres_consumed
         FROM events AS p FINAL
         INNER JOIN (
-            SELECT user_id, min(first_ts_ms) AS first_ms FROM exposure_requests FINAL
+            SELECT user_id, min(first_ts_ms) AS first_ms FROM exposure_users FINAL
             WHERE experiment = {{experiment:String}} GROUP BY user_id
         ) AS e ON p.user_id = e.user_id
         LEFT JOIN (
