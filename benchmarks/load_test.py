@@ -3,12 +3,18 @@
 Issue 8: at its measured capacity for 5 minutes the service keeps p99 within 2x its unloaded
 value and sheds excess load with 503s rather than queueing without bound; memory stays flat.
 
-The stack is the one ``benchmarks.serving_latency`` builds (its ``prepare`` and ``serve``): a
-noida-db broker, all 943 ML-100K users' histories in the Feast SQLite online store, models
-trained briefly and published, and ``hymirec serve`` as a child process serving one model to
-everyone. A thread samples the service's VmRSS from ``/proc/<pid>/status`` every second. Then:
+The stack is ``benchmarks.serving_stack``'s (``prepare`` and ``serve``): a noida-db broker, all
+943 ML-100K users' histories in the Feast SQLite online store, models trained briefly and
+published, and ``hymirec serve`` as a child process serving one model to everyone. A thread
+samples the service's VmRSS from ``/proc/<pid>/status`` every second. The service caches a user's
+interests until their history changes: with ``--changed-share 1`` (the default) a churn process
+gives each user's online history one more item before each of their requests, as the stream
+worker would after a click, so no request is served from that cache; ``0`` leaves histories
+alone. Same-run references are measured first: the bare Feast read and the service's own online
+read (``serving_stack.feast_reads``, one at a time, in this process). Then:
 
-1. unloaded: closed loop, one request at a time, ``--baseline-s``;
+1. unloaded: closed loop, one request at a time, ``--baseline-s``; then the HTTP floor
+   (``GET /health/live``) the same way for a third of that;
 2. capacity: open-loop steps of ``--step-s`` at ``--start-rate``, +``--rate-step``, ... until a
    step has p99 > 2x unloaded p99, a 503 or an error; then one step half-way back. Capacity is the
    highest passing rate. Steps last a minute: near saturation the service's queue builds up for
@@ -30,46 +36,55 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import gc
+import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
 import torch
 
+from benchmarks.load_results import (
+    BAD_BODY,
+    MAX_CONNECTIONS,
+    OTHER_503,
+    SHED,
+    TIMEOUT,
+    TRANSPORT,
+    Phase,
+    Run,
+    passes,
+    render,
+)
 from benchmarks.report import append_section, machine
-from benchmarks.serving_latency import K, free_port, prepare, serve
+from benchmarks.serving_stack import (
+    K,
+    Measured,
+    cache_lookups,
+    churn_ahead,
+    cpu_s,
+    feast_reads,
+    free_port,
+    prepare,
+    serve,
+)
 from hymirec.errors import HymirecError
 from hymirec.settings import Settings
 from serving.app import ranking_threads
 from streaming.broker import LocalBroker
 from streaming.kafka_io import ensure_topics
 
-TIMEOUT, TRANSPORT, BAD_BODY, OTHER_503 = -1, -2, -3, -4  # client-side outcomes besides HTTP codes
-SHED = 503
-MAX_CONNECTIONS = 1024
 REQUEST_TIMEOUT_S = 30.0
-RSS_SLOPE_LIMIT_MB_MIN = 1.0  # "flat": least-squares RSS slope at most this
-RSS_OVERLOAD_GROWTH = 0.02  # overload: max RSS at most 2% above the phase's first sample
-TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int | None) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) * TICK_S
+CHURN_INTERVAL_S = 0.25  # the churn process pushes the rows due this often
 
 
 def cpu_pressure_s() -> float:
@@ -130,64 +145,6 @@ class RssSampler(threading.Thread):
         return np.asarray(rows, dtype=float).reshape(-1, 2)
 
 
-@dataclass
-class Phase:
-    """Every request of one phase: scheduled and actual send time, reply time, outcome."""
-
-    name: str
-    rate: float | None  # offered req/s; None for the closed loop
-    start: float
-    end: float = 0.0
-    rows: list[tuple[float, float, float, int]] = field(default_factory=list)
-    missing_retry_after: int = 0
-    cpu: dict[str, float] = field(default_factory=dict)  # % of one core over the phase
-    loop_stall_ms: float = 0.0  # the client's longest event-loop stall in the phase
-    rss: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
-
-    def array(self) -> np.ndarray:
-        return np.asarray(self.rows, dtype=float).reshape(-1, 4)
-
-    def latency_ms(
-        self, status: int, since_s: float = 0.0, until_s: float = np.inf, from_send: bool = False
-    ) -> np.ndarray:
-        """Reply time minus scheduled time (or actual send time: without the client's lag)."""
-        a = self.array()
-        rel = a[:, 0] - self.start
-        keep = (a[:, 3] == status) & (rel >= since_s) & (rel < until_s)
-        latency: np.ndarray = (a[keep, 2] - a[keep, 1 if from_send else 0]) * 1000
-        return latency
-
-    def count(self, status: int) -> int:
-        return int((self.array()[:, 3] == status).sum())
-
-    @property
-    def errors(self) -> int:
-        return len(self.rows) - self.count(200) - self.count(SHED)
-
-    def p(
-        self,
-        q: float,
-        status: int = 200,
-        since_s: float = 0.0,
-        until_s: float = np.inf,
-        from_send: bool = False,
-    ) -> float:
-        values = self.latency_ms(status, since_s, until_s, from_send)
-        return float(np.percentile(values, q)) if len(values) else float("nan")
-
-    def lag_p99_ms(self) -> float:
-        a = self.array()
-        return float(np.percentile((a[:, 1] - a[:, 0]) * 1000, 99)) if len(a) else float("nan")
-
-    @property
-    def span_s(self) -> float:
-        return (len(self.rows) / self.rate) if self.rate else (self.end - self.start)
-
-    def served_rate(self) -> float:
-        """200s per second of wall time, from the first send until the last reply."""
-        return self.count(200) / (self.end - self.start)
-
-
 class LoadClient:
     """aiohttp on ``/recommend`` (or ``path``) cycling through the users; records into a Phase.
 
@@ -195,18 +152,24 @@ class LoadClient:
     its own queue, not the service's, set the latency beyond ~100 req/s (aiohttp: ~0.5 ms).
     """
 
-    def __init__(self, url: str, users: list[int], pids: dict[str, int | None]) -> None:
+    def __init__(
+        self, url: str, users: list[int], pids: dict[str, int | None], cursor: Any = None
+    ) -> None:
         self.session = aiohttp.ClientSession(
             base_url=url,
             connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
         )
         self.users, self.pids, self.next_user = users, pids, 0
+        self.cursor = cursor  # shared with the churn process: requests sent so far
 
     async def shoot(self, phase: Phase, scheduled: float, path: str = "/recommend") -> None:
-        user = self.users[self.next_user % len(self.users)]
-        self.next_user += 1
-        params = {"user_id": user, "k": K} if path == "/recommend" else {}
+        params: dict[str, int] = {}
+        if path == "/recommend":
+            params = {"user_id": self.users[self.next_user % len(self.users)], "k": K}
+            self.next_user += 1
+            if self.cursor is not None:
+                self.cursor.value = self.next_user
         sent = time.perf_counter()
         try:
             async with self.session.get(path, params=params) as response:
@@ -225,14 +188,18 @@ class LoadClient:
             status = TRANSPORT
         phase.rows.append((scheduled, sent, time.perf_counter(), status))
 
-    def _usage(self) -> dict[str, float]:
+    async def _usage(self) -> dict[str, float]:
+        async with self.session.get("/metrics") as response:
+            hits, misses = cache_lookups(await response.text())
         usage = {name: cpu_s(pid) for name, pid in self.pids.items()}
         usage |= {"client": time.process_time(), "pressure": cpu_pressure_s()}
-        return usage | {"wall": time.perf_counter()}
+        return usage | {"hits": hits, "misses": misses, "wall": time.perf_counter()}
 
-    def _finish(self, phase: Phase, before: dict[str, float]) -> Phase:
+    async def _finish(self, phase: Phase, before: dict[str, float]) -> Phase:
         phase.end = time.perf_counter()
-        after = self._usage()
+        after = await self._usage()
+        hits, misses = (after.pop(k) - before.pop(k) for k in ("hits", "misses"))
+        phase.cache_hits = hits / (hits + misses) if hits + misses else float("nan")
         wall = after.pop("wall") - before.pop("wall")
         phase.cpu = {name: 100 * (after[name] - before[name]) / wall for name in after}
         return phase
@@ -244,20 +211,20 @@ class LoadClient:
             await asyncio.sleep(every_s)
             phase.loop_stall_ms = max(phase.loop_stall_ms, (time.perf_counter() - due) * 1000)
 
-    async def closed_loop(self, name: str, duration_s: float) -> Phase:
-        before = self._usage()
+    async def closed_loop(self, name: str, duration_s: float, path: str = "/recommend") -> Phase:
+        before = await self._usage()
         phase = Phase(name, None, time.perf_counter())
         watch = asyncio.create_task(self._watch_loop(phase))
         while time.perf_counter() - phase.start < duration_s:
-            await self.shoot(phase, time.perf_counter())
+            await self.shoot(phase, time.perf_counter(), path)
         watch.cancel()
-        return self._finish(phase, before)
+        return await self._finish(phase, before)
 
     async def open_loop(
         self, name: str, rate: float, duration_s: float, path: str = "/recommend"
     ) -> Phase:
         """Request i is due at start + i / rate and is sent then, whatever is still in flight."""
-        before = self._usage()
+        before = await self._usage()
         phase = Phase(name, rate, time.perf_counter())
         watch = asyncio.create_task(self._watch_loop(phase))
         pending: set[asyncio.Task[None]] = set()  # only the requests in flight stay referenced
@@ -272,7 +239,7 @@ class LoadClient:
         while pending:
             await asyncio.gather(*pending)
         watch.cancel()
-        return self._finish(phase, before)
+        return await self._finish(phase, before)
 
     async def shed_total(self) -> float:
         """The service's own count of shed requests (``hymirec_recommend_shed_total``)."""
@@ -285,33 +252,30 @@ class LoadClient:
 
 
 @dataclass
-class Run:
-    baseline: Phase
-    steps: list[Phase]
-    capacity: float
-    sustained: Phase
-    overload: Phase
-    floor: Phase  # GET /health/live at the overload rate: what client + HTTP alone sustain
-    shed_by_service: dict[str, float]
-    max_inflight: int  # the service's serve_max_inflight
-    limit_ms: float = field(init=False)
+class Stack:
+    """What ``drive`` runs against: the service, its pids, and the same-run references."""
 
-    def __post_init__(self) -> None:
-        self.limit_ms = 2 * self.baseline.p(99)
+    url: str
+    users: list[int]
+    pids: dict[str, int | None]
+    sampler: RssSampler
+    max_inflight: int
+    feast: Measured
+    lean: Measured
+    cursor: Any = None
 
 
-def passes(phase: Phase, limit_ms: float) -> bool:
-    return phase.errors == 0 and phase.count(SHED) == 0 and phase.p(99) <= limit_ms
-
-
-async def drive(url: str, users: list[int], pids: dict[str, int | None], args: argparse.Namespace,
-                sampler: RssSampler, max_inflight: int) -> Run:  # fmt: skip
-    load = LoadClient(url, users, pids)
+async def drive(stack: Stack, args: argparse.Namespace) -> Run:
+    load = LoadClient(stack.url, stack.users, stack.pids, stack.cursor)
     try:
         await load.closed_loop("warm-up", 5)
         baseline = await load.closed_loop("unloaded (concurrency 1)", args.baseline_s)
+        floor0 = await load.closed_loop(
+            "HTTP floor unloaded: /health/live", args.baseline_s / 3, "/health/live"
+        )
         limit_ms = 2 * baseline.p(99)
-        print(f"unloaded p50 {baseline.p(50):.1f} ms, p99 {baseline.p(99):.1f} ms", flush=True)
+        print(f"unloaded p50 {baseline.p(50):.2f} ms, p99 {baseline.p(99):.2f} ms; HTTP floor "
+              f"p50 {floor0.p(50):.2f} ms", flush=True)  # fmt: skip
         steps: list[Phase] = []
         capacity, rate = 0.0, args.start_rate
 
@@ -346,144 +310,33 @@ async def drive(url: str, users: list[int], pids: dict[str, int | None], args: a
         floor = await load.open_loop("HTTP floor: /health/live", rate, 10, "/health/live")
     finally:
         await load.session.close()
-    for phase in (baseline, *steps, sustained, overload, floor):
-        phase.rss = sampler.between(phase.start, phase.end)
-    return Run(baseline, steps, capacity, sustained, overload, floor, shed, max_inflight)
+    for phase in (baseline, floor0, *steps, sustained, overload, floor):
+        phase.rss = stack.sampler.between(phase.start, phase.end)
+    return Run(baseline, steps, capacity, sustained, overload, floor, shed, stack.max_inflight,
+               floor0, stack.feast, stack.lean)  # fmt: skip
 
 
-def slope_mb_min(rss: np.ndarray) -> float:
-    return float(np.polyfit(rss[:, 0] / 60, rss[:, 1], 1)[0]) if len(rss) > 2 else float("nan")
-
-
-def verdicts(run: Run) -> list[tuple[str, bool, str]]:
-    s, o = run.sustained, run.overload
-    rss = s.rss
-    slope = slope_mb_min(rss)
-    o_first, o_max = (o.rss[0, 1], o.rss[:, 1].max()) if len(o.rss) else (np.nan, np.nan)
-    half = o.span_s / 2
-    early, late = o.p(99, since_s=0, until_s=half), o.p(99, since_s=half)
-    little_ms = 1000 * run.max_inflight / max(o.served_rate(), 1e-9)
-    fast = o.p(99, SHED, from_send=True) < o.p(50, from_send=True)
-    bounded = late <= 1.5 * early and o.p(99) <= 2 * little_ms
-    return [
-        ("sustained p99 <= 2x unloaded p99",
-         s.p(99) <= run.limit_ms and s.errors == 0 and s.count(SHED) == 0,
-         f"p99 {s.p(99):.1f} ms vs limit {run.limit_ms:.1f} ms (unloaded p99 "
-         f"{run.baseline.p(99):.1f} ms) at {run.capacity:g} req/s for {s.span_s / 60:.1f} min; "
-         f"503s {s.count(SHED)}, errors {s.errors}"),
-        ("excess shed with 503 (fast, Retry-After), accepted latency bounded",
-         o.count(SHED) > 0 and o.missing_retry_after == 0 and o.errors == 0 and fast and bounded,
-         f"{o.rate:g} req/s offered: {o.count(SHED) / max(len(o.rows), 1):.0%} answered 503 "
-         f"(p50 {o.p(50, SHED):.1f} / p99 {o.p(99, SHED):.1f} ms from the scheduled time, "
-         f"{o.p(50, SHED, from_send=True):.1f} / {o.p(99, SHED, from_send=True):.1f} ms from "
-         f"the actual send; fast means 503 p99 < accepted p50, both from the send: "
-         f"{o.p(50, from_send=True):.1f} ms; {o.missing_retry_after} without Retry-After); "
-         f"accepted p50 {o.p(50):.1f} / p99 "
-         f"{o.p(99):.1f} ms (first half p99 {early:.1f}, second half {late:.1f}; Little's-law "
-         f"queue bound {run.max_inflight} in flight / {o.served_rate():.0f} served/s = "
-         f"{little_ms:.0f} ms); errors {o.errors}"),
-        ("service RSS flat",
-         bool(slope <= RSS_SLOPE_LIMIT_MB_MIN and o_max <= o_first * (1 + RSS_OVERLOAD_GROWTH)),
-         f"sustained: {rss[0, 1]:.1f} -> {rss[-1, 1]:.1f} MB, max - min "
-         f"{np.ptp(rss[:, 1]):.1f} MB, slope {slope:+.2f} MB/min (limit "
-         f"{RSS_SLOPE_LIMIT_MB_MIN:g}; {slope * 2**20 / 60 / run.capacity:+.0f} B/request); "
-         f"overload: {o_first:.1f} MB at start, max {o_max:.1f} MB (limit +"
-         f"{RSS_OVERLOAD_GROWTH:.0%})"),
-    ]  # fmt: skip
-
-
-def render(run: Run, args: argparse.Namespace, argv: list[str] | None, load: tuple[float, float],
-           prepare_s: float) -> str:  # fmt: skip
-    command = " ".join(["python -m benchmarks.load_test", *(argv or sys.argv[1:])])
-    when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    phases = [
-        "| phase | offered req/s | served 200/s | 200 p50 / p99 ms | 503 (share) | "
-        "503 p50 / p99 ms | errors | client lag p99 / loop stall max ms | RSS first → last MB | "
-        "CPU % of a core: service / client / broker | CPU pressure % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for ph in (run.baseline, *run.steps, run.sustained, run.overload, run.floor):
-        n = max(len(ph.rows), 1)
-        rss = f"{ph.rss[0, 1]:.1f} → {ph.rss[-1, 1]:.1f}" if len(ph.rss) else "-"
-        phases.append(
-            f"| {ph.name} | {ph.rate or '-'} | {ph.served_rate():.1f} | {ph.p(50):.1f} / "
-            f"{ph.p(99):.1f} | {ph.count(SHED)} ({ph.count(SHED) / n:.0%}) | "
-            f"{ph.p(50, SHED):.1f} / {ph.p(99, SHED):.1f} | {ph.errors} | {ph.lag_p99_ms():.1f} / "
-            f"{ph.loop_stall_ms:.0f} | "
-            f"{rss} | {ph.cpu['service']:.0f} / {ph.cpu['client']:.0f} / {ph.cpu['broker']:.0f} | "
-            f"{ph.cpu['pressure']:.0f} |"
-        )
-    minutes = [
-        "| minute | requests | p50 ms | p99 ms | p99 ≤ limit | 503 | errors | RSS at end MB |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|",
-    ]
-    s = run.sustained
-    for m in range(int(np.ceil(s.span_s / 60))):
-        a = s.array()
-        rel = a[:, 0] - s.start
-        in_min = (rel >= 60 * m) & (rel < 60 * (m + 1))
-        rss = s.rss[s.rss[:, 0] < 60 * (m + 1), 1]
-        p99 = s.p(99, since_s=60 * m, until_s=60 * (m + 1))
-        minutes.append(
-            f"| {m + 1} | {int(in_min.sum())} | {s.p(50, since_s=60 * m, until_s=60 * (m + 1)):.1f}"
-            f" | {p99:.1f} | {'yes' if p99 <= run.limit_ms else 'no'} | "
-            f"{int((a[in_min, 3] == SHED).sum())} | "
-            f"{int(in_min.sum() - ((a[in_min, 3] == 200) | (a[in_min, 3] == SHED)).sum())} | "
-            f"{rss[-1] if len(rss) else float('nan'):.1f} |"
-        )
-    goals = [
-        f"- **{'HELD' if ok else 'FAILED'}**: {goal}: {text}." for goal, ok, text in verdicts(run)
-    ]
-    shed = ", ".join(f"{k} {v:g}" for k, v in run.shed_by_service.items())
-    return "\n".join([
-        f"## Recommendation service under sustained load — {when} — {args.host}",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"`hymirec serve` (model `{args.model}` for every user, `serve_max_inflight` "
-        f"{run.max_inflight}, {args.threads} ranking thread(s), one uvicorn process) as a child "
-        "process on the stack of "
-        f"`benchmarks.serving_latency` (noida-db broker, Feast SQLite online store with all 943 "
-        f"ML-100K users, models trained on the first {args.train_ratings} ratings; set-up "
-        f"{prepare_s:.0f} s). Requests `GET /recommend?user_id=U&k={K}` cycle through the users "
-        f"from one asyncio + aiohttp process (up to {MAX_CONNECTIONS} connections; "
-        "httpx.AsyncClient, tried first, cost several ms of client CPU per request in open "
-        "loop and its own queue set the latency beyond ~100 req/s). Unloaded: closed "
-        f"loop, one at a time, {args.baseline_s:g} s. Capacity (open-loop step search): steps of "
-        f"{args.step_s:g} s from {args.start_rate:g} req/s in +{args.rate_step:g} until one "
-        "misses p99 ≤ 2× unloaded p99 or has a 503 or an error, then one step half-way back; "
-        "the capacity is the highest passing rate. Overload: the capacity × "
-        f"{args.overload_factor:g} for {args.overload_s:g} s; then 'HTTP floor' sends "
-        "`GET /health/live` (no work) at that rate for 10 s: what client and uvicorn alone carry. "
-        "Open loop: request i is sent at "
-        "start + i/rate whatever is in flight; latency runs from that scheduled time, so the "
-        "client's own lag (column 'client lag') counts against the service; 'loop stall max' is "
-        "the longest the client's event loop was late to wake (a stall there sends a burst). "
-        "Service RSS is "
-        "VmRSS from /proc every second. CPU pressure: share of the phase's wall time during which "
-        "some runnable task on the machine waited for a CPU (PSI). "
-        f"{_placement(args.cpus)} 1-minute load average "
-        f"{load[0]:.2f} at the start, {load[1]:.2f} at the end. Shed counts from the "
-        f"service's /metrics (`hymirec_recommend_shed_total`): {shed}.",
-        "",
-        *goals,
-        "",
-        *phases,
-        "",
-        f"Sustained run per minute (limit {run.limit_ms:.1f} ms):",
-        "",
-        *minutes,
-        "",
-    ])  # fmt: skip
-
-
-def _placement(cpus: tuple[set[int], set[int]] | None) -> str:
-    if cpus is None:
-        return "**The client, the service and the broker share the CPUs** (other jobs too)."
-    return (
-        f"**The service is pinned to CPU {sorted(cpus[0])}, the client and the broker to CPU "
-        f"{sorted(cpus[1])}** (other jobs on the machine are not pinned)."
+def start_churn(
+    settings: Settings, users: list[int], share: float
+) -> tuple[BaseProcess, Any, Any] | None:
+    """The churn process (``serving_stack.churn_ahead``), started and ready: (process, the
+    shared request cursor, its stop event); None when no history is to change."""
+    if share <= 0:
+        return None
+    context = multiprocessing.get_context("spawn")
+    cursor, ready, stop = context.Value("q", 0, lock=False), context.Event(), context.Event()
+    lead = max(1, min(len(users) // 2, 500))
+    process = context.Process(
+        target=churn_ahead,
+        args=(settings, users, cursor, share, ready, stop, lead, CHURN_INTERVAL_S),
+        name="history-churn",
+        daemon=True,
     )
+    process.start()
+    if not ready.wait(120):
+        process.terminate()
+        raise HymirecError("the history churn process did not start in 120 s")
+    return process, cursor, stop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -497,6 +350,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overload-factor", type=float, default=3.0)
     parser.add_argument("--overload-s", type=float, default=45.0)
     parser.add_argument("--model", default="hymirec")
+    parser.add_argument(
+        "--changed-share",
+        type=float,
+        default=1.0,
+        help="share of requests whose user's history changed since their last request (1: none "
+        "is served from the interest cache; 0: histories never change)",
+    )
     parser.add_argument("--train-ratings", type=int, default=5000)
     parser.add_argument("--cache-dir", type=Path, default=Path(".hymirec/cache"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
@@ -514,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--minutes must be >= 0.1 (RSS is sampled each second); got {args.minutes}")
     if args.overload_factor <= 1:
         parser.error(f"--overload-factor must be > 1; got {args.overload_factor}")
+    if not 0 <= args.changed_share <= 1:
+        parser.error(f"--changed-share must be in [0, 1]; got {args.changed_share}")
     load_before = os.getloadavg()[0]
     args.host = machine()  # before this process is pinned to part of the CPUs
     torch.set_num_threads(1)
@@ -542,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
             pin(broker_pid, cpus[1])
             pin(os.getpid(), cpus[1])
         args.cpus = cpus
+        feast, lean = feast_reads(settings, users, 1), feast_reads(settings, users, 1, lean=True)
+        churn = start_churn(settings, users, args.changed_share)  # on the client's CPUs
         sampler = RssSampler(process.pid)
         sampler.start()
         # The set-up left millions of objects in this process (data, training); a full
@@ -551,9 +415,16 @@ def main(argv: list[str] | None = None) -> None:
         gc.freeze()
         try:
             pids = {"service": process.pid, "broker": broker_pid}
-            run = asyncio.run(drive(url, users, pids, args, sampler, settings.serve_max_inflight))
+            if churn is not None:
+                pids["churn"] = churn[0].pid
+            stack = Stack(url, users, pids, sampler, settings.serve_max_inflight, feast, lean,
+                          churn[1] if churn is not None else None)  # fmt: skip
+            run = asyncio.run(drive(stack, args))
         finally:
             sampler.stopped.set()
+            if churn is not None:
+                churn[2].set()
+                churn[0].join(timeout=30)
             process.stop()
     finally:
         broker.stop()

@@ -25,10 +25,15 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
+from feast.infra.provider import get_provider
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Int64List, Value
 
 from features.item_features import ItemFeatures, build_item_features, load_item_features
 from features.store import FeatureStoreClient, UserHistoryFeatures
@@ -47,6 +52,7 @@ __all__ = [
     "K",
     "Measured",
     "cache_lookups",
+    "churn_ahead",
     "cpu_s",
     "feast_reads",
     "free_port",
@@ -93,19 +99,19 @@ class Measured:
 
 
 def history_row(
-    settings: Settings, user: int, items: np.ndarray, built: ItemFeatures
+    settings: Settings, user: int, items: np.ndarray, built: ItemFeatures, version: str
 ) -> UserHistoryFeatures:
-    """The row ``streaming`` pushes for a user whose history is ``items`` (oldest first)."""
+    """The row ``streaming`` pushes for a user whose history is ``items`` (oldest first);
+    ``version`` is ``built.codebook.version`` (a hash of the centroids: 0.7 ms a call)."""
     kept = items[-settings.long_len :]
-    codebook, table = built.codebook, built.table
     return UserHistoryFeatures(
         user_id=user,
         recent_item_ids=[int(i) for i in kept[-settings.recent_len :]],
-        long_codes=codebook.pack(table.lookup(kept)),
+        long_codes=built.codebook.pack(built.table.lookup(kept)),
         history_len=len(items),
         last_ts_ms=0,
         last_offset=len(items) - 1,
-        codebook_version=codebook.version,
+        codebook_version=version,
     )
 
 
@@ -113,7 +119,8 @@ def prepare(settings: Settings, train_ratings: int) -> list[int]:
     """Item features, every user's online history, and published model versions."""
     built = build_item_features(settings)
     histories = replay_histories(load_ratings())
-    rows = [history_row(settings, user, items, built) for user, items in histories.items()]
+    version = built.codebook.version
+    rows = [history_row(settings, u, items, built, version) for u, items in histories.items()]
     store = FeatureStoreClient(settings)
     for start in range(0, len(rows), 200):
         store.push_user_histories(rows[start : start + 200])
@@ -143,28 +150,80 @@ def prepare(settings: Settings, train_ratings: int) -> list[int]:
 
 class HistoryChurn:
     """Changed online histories on demand: each ``push`` gives every named user one more item
-    (a different one each time), so their next request misses the service's interest cache."""
+    (a different one each time), so their next request misses the service's interest cache.
+
+    The rows go straight into the online store through the provider's ``online_write_batch``
+    (what a Feast push ends in), not through ``FeatureStore.push``: its DataFrame and Arrow
+    conversions cost ~0.75 ms of CPU per row here, which on a 2-core machine would take the load
+    client's CPU."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.built = load_item_features(settings)
+        self.version = self.built.codebook.version
         self.histories = replay_histories(load_ratings())
         self.num_items = int(max(int(h.max()) for h in self.histories.values()))
-        self.store = FeatureStoreClient(settings)
+        store = FeatureStoreClient(settings).store
+        self.config = store.config
+        self.view = store.get_feature_view("user_history")
+        self.provider = get_provider(self.config)
         self.pushes: dict[int, int] = {}
         self.rows_pushed = 0
 
     def push(self, users: list[int]) -> None:
-        rows = []
+        now = datetime.now(UTC)
+        data = []
         for user in users:
             n = self.pushes.get(user, 0) + 1
             self.pushes[user] = n
             extra = 1 + (user * 31 + np.arange(n) * 17) % self.num_items
             items = np.concatenate([self.histories[user], extra])
-            rows.append(history_row(self.settings, user, items, self.built))
-        for start in range(0, len(rows), 500):
-            self.store.push_user_histories(rows[start : start + 500])
-        self.rows_pushed += len(rows)
+            row = history_row(self.settings, user, items, self.built, self.version)
+            key = EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=user)])
+            values = {
+                "recent_item_ids": Value(int64_list_val=Int64List(val=row.recent_item_ids)),
+                "long_codes": Value(bytes_val=row.long_codes),
+                "history_len": Value(int64_val=row.history_len),
+                "last_ts_ms": Value(int64_val=row.last_ts_ms),
+                "last_offset": Value(int64_val=row.last_offset),
+                "codebook_version": Value(string_val=row.codebook_version),
+            }
+            data.append((key, values, now, None))
+        self.provider.online_write_batch(self.config, self.view, data, progress=None)
+        self.rows_pushed += len(data)
+
+
+def churn_ahead(
+    settings: Settings,
+    users: list[int],
+    cursor: Any,
+    share: float,
+    ready: Any,
+    stop: Any,
+    lead: int,
+    interval_s: float,
+) -> None:
+    """Process target: changed histories ahead of a client that sends request ``j`` for user
+    ``users[j % len(users)]`` and counts the requests it sent in ``cursor`` (a shared integer).
+
+    Every ``interval_s`` the rows of the requests up to ``lead`` ahead of the cursor are pushed,
+    for the share ``share`` of the requests (evenly spread), each user's row with one more item
+    than their last. ``lead`` below the number of users puts each push after the user's previous
+    request was sent. Sets ``ready`` once the store is open; returns when ``stop`` is set."""
+    churn = HistoryChurn(settings)
+    ready.set()
+    pushed = 0
+    while not stop.is_set():
+        target = int(cursor.value) + lead
+        due = [
+            users[j % len(users)]
+            for j in range(pushed, target)
+            if int((j + 1) * share) > int(j * share)
+        ]
+        pushed = max(pushed, target)
+        if due:
+            churn.push(due)
+        stop.wait(interval_s)
 
 
 def feast_reads(
