@@ -2,7 +2,7 @@
 
 The same code talks to a ClickHouse server (``HYMIREC_CLICKHOUSE_DSN=http://host:8123``) or to the
 embedded engine (``chdb:///<dir>``, the default): only the DSN differs. Every clickhouse-connect
-exception is translated to :class:`~hymirec.errors.AnalyticsError` here. User input (an experiment
+exception is translated to :class:`~core.errors.AnalyticsError` here. User input (an experiment
 name, a variant) reaches SQL only as a bound parameter (``{name:Type}``), never as text.
 
 Deduplication. The sink is at-least-once, so an event can arrive more than once. ``events`` is a
@@ -58,8 +58,8 @@ import pandas as pd
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from hymirec.errors import AnalyticsError
-from hymirec.settings import Settings
+from core.errors import AnalyticsError
+from core.settings import Settings
 from streaming.schema import Event
 
 __all__ = [

@@ -49,7 +49,7 @@ from pydantic import (
     model_validator,
 )
 
-from hymirec.errors import ExperimentConfigError
+from core.errors import ExperimentConfigError
 from model.registry import MODEL_NAMES
 
 __all__ = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abtest.snapshot import FreshnessPoint, ModelFreshness, PipelineSnapshot
-from hymirec.settings import Settings
+from core.settings import Settings
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
 
 __all__ = [

@@ -30,7 +30,7 @@ from abtest.snapshot import (
     snapshot_filename,
     write_json_atomic,
 )
-from hymirec.errors import DataError
+from core.errors import DataError
 
 __all__ = [
     "MINUTE_MS",

@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from abtest.snapshot import SNAPSHOT_SCHEMA_VERSION, ConsumerLag, PipelineSnapshot
-from hymirec.settings import Settings
+from core.settings import Settings
 
 __all__ = ["consumer_groups", "pipeline_health"]
 

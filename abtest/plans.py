@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from abtest.readout import READOUT_METRICS
 from abtest.sequential_looks import SequentialPlan
-from hymirec.errors import ExperimentConfigError
+from core.errors import ExperimentConfigError
 
 if TYPE_CHECKING:
     from abtest.experiments import ExperimentsConfig

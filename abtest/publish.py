@@ -66,8 +66,8 @@ from abtest.snapshot import (
     snapshot_filename,
     write_json_atomic,
 )
-from hymirec.errors import DataError
-from hymirec.settings import Settings
+from core.errors import DataError
+from core.settings import Settings
 
 __all__ = [
     "TRAINING_POLICY",

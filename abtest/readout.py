@@ -47,8 +47,8 @@ from abtest.stats import (
     holm,
     srm_test,
 )
-from hymirec.errors import DataError, ExperimentConfigError
-from hymirec.settings import Settings
+from core.errors import DataError, ExperimentConfigError
+from core.settings import Settings
 
 __all__ = [
     "COVARIATE",

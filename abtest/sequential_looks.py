@@ -35,7 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from abtest.stats import SequentialLook, msprt_look, msprt_tau_at_horizon
-from hymirec.errors import ExperimentConfigError
+from core.errors import ExperimentConfigError
 
 __all__ = [
     "DEFAULT_HORIZON_USERS_PER_ARM",

@@ -17,7 +17,7 @@ restarted after a crash takes its partitions back at once under the same id, whe
 would wait for the dead one's session to expire (which the embedded broker never does).
 
 An insert that fails is retried (``insert_attempts`` times, with a doubling back-off); after that
-the sink raises :class:`~hymirec.errors.AnalyticsError` without committing, and a restart resumes
+the sink raises :class:`~core.errors.AnalyticsError` without committing, and a restart resumes
 from the last committed offsets. On chdb the sink holds the ClickHouse directory for as long as it
 runs, so readouts on the same directory must wait until it stops (``abtest.clickhouse``); that is
 why the sink can publish the dashboard's readout snapshots itself (``abtest.publish``).
@@ -49,8 +49,8 @@ from kafka.errors import (
 from kafka.structs import OffsetAndMetadata
 
 from abtest.clickhouse import analytics_client, insert_events, load_item_dimension
-from hymirec.errors import AnalyticsError, BrokerError, InvalidEvent
-from hymirec.settings import Settings
+from core.errors import AnalyticsError, BrokerError, InvalidEvent
+from core.settings import Settings
 from streaming.fetch_backoff import install_kafka_python_backoff
 from streaming.kafka_group import fix_group_join
 from streaming.schema import Event, exposure_impressions, parse_event

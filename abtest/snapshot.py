@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from abtest.sequential_looks import SequentialState
 from abtest.snapshot_truth import GroundTruth, TruthPoint, VariantTruth
-from hymirec.errors import DataError
+from core.errors import DataError
 
 __all__ = [
     "PIPELINE_FILE",

@@ -46,7 +46,7 @@ from abtest.experiments import (
     ExperimentConfig,
     ExperimentsConfig,
 )
-from hymirec.errors import ExperimentConfigError
+from core.errors import ExperimentConfigError
 
 __all__ = [
     "Route",

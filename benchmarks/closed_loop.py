@@ -36,6 +36,8 @@ import torch
 from scipy.stats import binomtest
 
 from benchmarks.report import append_section, machine
+from core.movielens import load_ratings
+from core.settings import Settings
 from hymirec.closed_loop import (
     SCENARIOS,
     ClosedLoopResult,
@@ -43,8 +45,6 @@ from hymirec.closed_loop import (
     run_closed_loop,
     scenario_arms,
 )
-from hymirec.movielens import load_ratings
-from hymirec.settings import Settings
 from model.data import build_catalog
 from simulator.grounded import grounded_population
 

@@ -50,7 +50,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from benchmarks.report import append_section, machine
-from hymirec.settings import Settings
+from core.settings import Settings
 from streaming.broker import LocalBroker
 from tests.conftest import free_port
 

@@ -40,11 +40,11 @@ import httpx
 import numpy as np
 
 from benchmarks.report import append_section, machine
+from core.movielens import load_ratings, replay_histories
+from core.settings import Settings
 from features.item_features import build_item_features
 from features.store import USER_HISTORY_FEATURES, FeatureStoreClient, UserHistoryFeatures
-from hymirec.movielens import load_ratings, replay_histories
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 FEAST_PUBLISHED = "p99 7.23 ms, one row (feast.dev blog, Go feature server benchmarks, 2022-07-19)"

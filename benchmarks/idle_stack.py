@@ -48,11 +48,11 @@ from kafka.partitioner.default import murmur2
 
 from benchmarks.pipeline_throughput import cpu_s, free_port, history_lens
 from benchmarks.report import append_section, machine
+from core.errors import HymirecError
+from core.settings import Settings
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
-from hymirec.errors import HymirecError
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.schema import Event

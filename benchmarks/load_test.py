@@ -77,8 +77,8 @@ from benchmarks.serving_stack import (
     prepare,
     serve,
 )
-from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from core.errors import HymirecError
+from core.settings import Settings
 from serving.app import ranking_threads
 from streaming.broker import LocalBroker
 from streaming.kafka_io import ensure_topics

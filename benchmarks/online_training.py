@@ -31,10 +31,10 @@ import torch
 from kafka import KafkaProducer
 
 from benchmarks.report import append_section, machine
+from core.movielens import load_ratings
+from core.settings import Settings
 from features.item_features import build_item_features
-from hymirec.movielens import load_ratings
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from model import registry
 from model.checkpoint_registry import CheckpointRegistry
 from model.data import build_catalog, load_movielens_sequences

@@ -59,7 +59,7 @@ from benchmarks.readout_reference import (
     sums_frame,
 )
 from benchmarks.report import append_section, machine
-from hymirec.settings import Settings
+from core.settings import Settings
 
 T = TypeVar("T")
 DAY_MS = 86_400_000

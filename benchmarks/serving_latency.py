@@ -57,7 +57,7 @@ from benchmarks.serving_stack import (
     prepare,
     serve,
 )
-from hymirec.settings import Settings
+from core.settings import Settings
 from streaming.broker import LocalBroker
 from streaming.kafka_io import ensure_topics
 

@@ -35,12 +35,12 @@ from feast.infra.provider import get_provider
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Int64List, Value
 
+from core.errors import HymirecError
+from core.movielens import load_ratings, replay_histories
+from core.settings import Settings
 from features.item_features import ItemFeatures, build_item_features, load_item_features
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.errors import HymirecError
-from hymirec.movielens import load_ratings, replay_histories
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from model.checkpoint_registry import CheckpointRegistry
 from model.data import build_catalog
 from model.trainer import ModelTrainer, StreamRecord, TrainerOptions

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import append_section, machine
-from hymirec.settings import Settings
+from core.settings import Settings
 from model.base import CatalogInfo
 from model.data import build_catalog, load_movielens_sequences
 from model.trainer import PREQUENTIAL_SAMPLE, ModelTrainer, StreamRecord, TrainerOptions

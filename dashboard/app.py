@@ -13,6 +13,8 @@ import pandas as pd
 import streamlit as st
 
 from abtest.snapshot import ExperimentSnapshot, PipelineSnapshot
+from core.errors import HymirecError
+from core.settings import Settings, load_settings
 from dashboard import charts
 from dashboard.data import (
     ReadoutFolder,
@@ -29,8 +31,6 @@ from dashboard.data import (
     training_lag_frame,
     true_lifts,
 )
-from hymirec.errors import HymirecError
-from hymirec.settings import Settings, load_settings
 
 NO_DATA = (
     "No data yet: there are no readout snapshots in `{folder}`. Run `hymirec demo` (or run "

@@ -28,7 +28,7 @@ from abtest.snapshot import (
     read_experiment_snapshot,
     read_pipeline_snapshot,
 )
-from hymirec.errors import DataError
+from core.errors import DataError
 
 __all__ = [
     "FreshnessPercentiles",

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hymirec.errors import CodebookError
+from core.errors import CodebookError
 
 __all__ = ["EncodeTrace", "ResidualCodebook", "balanced_assignment", "spherical_balanced_kmeans"]
 

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from hymirec.errors import CodebookError, FeatureStoreError
+from core.errors import CodebookError, FeatureStoreError
 
 __all__ = ["CodebookTable", "FeatureServerClient", "HistoryRow", "feature_columns"]
 

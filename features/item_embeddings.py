@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hymirec.errors import DataError
-from hymirec.movielens import item_texts, load_items
+from core.errors import DataError
+from core.movielens import item_texts, load_items
 
 __all__ = [
     "EMBEDDING_DIM",

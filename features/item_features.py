@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.errors import CodebookError
+from core.movielens import item_texts, load_items
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.codebook_publish import publish_codebook
 from features.item_embeddings import embed_item_texts
 from features.store import FeatureStoreClient
-from hymirec.errors import CodebookError
-from hymirec.movielens import item_texts, load_items
-from hymirec.settings import Settings
 
 __all__ = ["ItemCodeTable", "ItemFeatures", "build_item_features", "load_item_features"]
 

@@ -1,6 +1,6 @@
 """hymirec-platform: streaming online learning and A/B testing for multi-interest recommenders."""
 
-from hymirec.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 
 __all__ = ["Settings", "load_settings"]
 __version__ = "0.1.0"

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hymirec.errors import HymirecError
+from core.errors import HymirecError
+from core.settings import Settings, load_settings
 from hymirec.scenarios import SCENARIOS
-from hymirec.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from abtest.publish import ExperimentPlan
@@ -83,7 +83,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from hymirec.movielens import load_ratings
+    from core.movielens import load_ratings
     from streaming.kafka_io import EventProducer, ensure_topics
     from streaming.replay import movielens_events, replay_events
 
@@ -121,7 +121,7 @@ def _experiment_plans(settings: Settings) -> dict[str, ExperimentPlan]:
 
 def _sink(settings: Settings, args: argparse.Namespace) -> int:
     from abtest.sink import run_sink
-    from hymirec.movielens import load_items
+    from core.movielens import load_items
     from streaming.kafka_io import ensure_topics
 
     plans = _experiment_plans(settings) if args.publish_readouts else None

@@ -49,7 +49,7 @@ from abtest.experiments import ExperimentsConfig, experiments_from_dict
 from abtest.metrics import USER_METRIC_COLUMNS, ExperimentMetrics
 from abtest.readout import Readout, readout_from_metrics
 from abtest.splitter import Splitter
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from hymirec.scenarios import SCENARIOS as DEMO_SCENARIOS
 from model.base import CatalogInfo
 from model.data import SequenceData, load_movielens_sequences

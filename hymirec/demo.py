@@ -33,14 +33,14 @@ import yaml
 
 from abtest.ground_truth import GroundTruth
 from abtest.readout import Readout
+from core.errors import HymirecError
+from core.movielens import load_ratings
+from core.settings import Settings
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
-from hymirec.errors import HymirecError
 from hymirec.freshness_report import trainer_freshness_lines
-from hymirec.movielens import load_ratings
 from hymirec.processes import ServiceProcess
 from hymirec.scenarios import SCENARIOS
-from hymirec.settings import Settings
 from model.checkpoint_registry import CheckpointRegistry
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics

@@ -14,8 +14,8 @@ import time
 
 from abtest.freshness import FreshnessMinute, freshness_by_minute
 from abtest.snapshot import PIPELINE_FILE, read_pipeline_snapshot
-from hymirec.errors import DataError
-from hymirec.settings import Settings
+from core.errors import DataError
+from core.settings import Settings
 from model.checkpoint_registry import CheckpointRegistry
 
 __all__ = ["AGE_LIMIT_MS", "LAG_LIMIT", "P99_LIMIT_MS", "trainer_freshness_lines"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from hymirec.settings import Settings
+from core.settings import Settings
 
 __all__ = ["ServiceProcess"]
 

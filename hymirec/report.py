@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.settings import Settings
 
 __all__ = ["describe_user", "print_user_features"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hymirec.errors import DataError, TrainerError
+from core.errors import DataError, TrainerError
 from model import registry
 from model.base import CatalogInfo, SequentialRecommender
 from model.checkpoint_registry import PublishedVersion

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hymirec.errors import DataError, TrainerError
+from core.errors import DataError, TrainerError
 
 __all__ = ["REGISTRY_FORMAT", "CheckpointRegistry", "PublishedVersion"]
 

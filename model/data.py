@@ -1,7 +1,7 @@
 """MovieLens-100K as per-user item sequences, the leave-one-out split, and the batches models see.
 
 Items are re-indexed ``1..N`` by sorted ``item_id`` (0 is padding); users keep their ratings in
-replay order (by timestamp, ties in file order, as :func:`hymirec.movielens.load_ratings` gives
+replay order (by timestamp, ties in file order, as :func:`core.movielens.load_ratings` gives
 them). The split is the usual leave-one-out one (as in SASRec, Kang & McAuley 2018, Sec. IV): a
 user's last item is the test target, the second-to-last the validation target, and training sees
 the sequence without those two. Users with fewer than three interactions are dropped (they cannot
@@ -19,11 +19,11 @@ import numpy.typing as npt
 import pandas as pd
 import torch
 
+from core.errors import CodebookError, DataError
+from core.movielens import load_items, load_ratings
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.item_embeddings import embed_movielens_items
-from hymirec.errors import CodebookError, DataError
-from hymirec.movielens import load_items, load_ratings
-from hymirec.settings import Settings
 from model.base import Batch, CatalogInfo
 
 __all__ = [

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hymirec.errors import DataError
+from core.errors import DataError
 
 __all__ = [
     "DIVERSITY_NS",

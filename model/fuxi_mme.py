@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.layers import Block, causal_padding_mask, init_weights
 from model.moe import MoE, load_balancing_loss

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.layers import Block, init_weights
 from model.objectives import next_targets_cross_entropy

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hymirec.errors import DataError
+from core.errors import DataError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 
 __all__ = ["Config", "PopularityRecommender", "build_model"]

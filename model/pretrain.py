@@ -25,7 +25,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model import registry
 from model.base import CatalogInfo
 from model.data import SequenceData

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model.base import CatalogInfo, SequentialRecommender
 
 __all__ = [

@@ -32,8 +32,8 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from hymirec.errors import BrokerError, ConfigError, TrainerError
-from hymirec.settings import Settings
+from core.errors import BrokerError, ConfigError, TrainerError
+from core.settings import Settings
 from model.base import CatalogInfo
 from model.checkpoint_registry import CheckpointRegistry
 from model.pretrain import pretrained_filename

@@ -34,8 +34,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from abtest.experiments import MAX_USER_ID
-from hymirec.errors import FeatureStoreError
-from hymirec.settings import Settings
+from core.errors import FeatureStoreError
+from core.settings import Settings
 from serving.metrics import CONTENT_TYPE_LATEST
 from serving.service import MAX_K, RecommendationService, UnknownExperiment
 

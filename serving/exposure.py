@@ -24,8 +24,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hymirec.errors import BrokerError
-from hymirec.settings import Settings
+from core.errors import BrokerError
+from core.settings import Settings
 from streaming.kafka_io import EventProducer
 from streaming.schema import Event
 

@@ -8,7 +8,7 @@ feature view and one entity, so :class:`HistoryRows` asks the online store for t
 online store implements: SQLite here, Redis in production) and reads the value protos itself
 (0.03 ms). It returns exactly what ``FeatureStoreClient.user_histories`` returns, which
 ``tests/serving/test_feast_rows.py`` checks for every user. Failures become
-:class:`~hymirec.errors.FeatureStoreError`, as in ``features.store``.
+:class:`~core.errors.FeatureStoreError`, as in ``features.store``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from feast.infra.provider import Provider, get_provider
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
+from core.errors import FeatureStoreError
 from features.store import USER_HISTORY_FEATURES, FeatureStoreClient, UserHistoryFeatures
-from hymirec.errors import FeatureStoreError
 
 __all__ = ["HistoryRows"]
 

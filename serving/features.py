@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from core.errors import CodebookError
 from features.codebook import ResidualCodebook
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.errors import CodebookError
 from model.base import CatalogInfo
 from serving.feast_rows import HistoryRows
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hymirec.errors import HymirecError
+from core.errors import HymirecError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.checkpoint import load_version_model
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
@@ -274,7 +274,7 @@ def load_model(published: PublishedVersion, catalog: CatalogInfo) -> LoadedModel
 
 def movielens_popularity(catalog: CatalogInfo) -> LoadedModel:
     """The built-in cold-start ranking: ML-100K rating counts per catalogue item."""
-    from hymirec.movielens import load_ratings
+    from core.movielens import load_ratings
 
     counts = np.bincount(
         load_ratings()["item_id"].to_numpy(dtype=np.int64), minlength=catalog.num_items + 1

@@ -12,8 +12,8 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
-from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from core.errors import HymirecError
+from core.settings import Settings
 
 __all__ = ["ServerThread", "run_service"]
 

@@ -21,9 +21,9 @@ import torch
 
 from abtest.experiments import HOLDOUT, load_experiments
 from abtest.splitter import Splitter
+from core.errors import BrokerError, ExperimentConfigError
+from core.settings import Settings
 from features.store import FeatureStoreClient
-from hymirec.errors import BrokerError, ExperimentConfigError
-from hymirec.settings import Settings
 from model.checkpoint_registry import CheckpointRegistry
 from model.data import build_catalog
 from serving.exposure import Exposure, ExposureLog

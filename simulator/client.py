@@ -15,7 +15,7 @@ simulated times; event timestamps are the wall clock.
 Failures never stop the loop: a 503 (load shedding) is counted as ``shed`` and backs off; other
 HTTP errors, transport errors and unreadable answers are counted by kind in ``errors`` and logged.
 Only a service that does not answer at all for ``connect_timeout_s`` (at start-up or later) is a
-:class:`~hymirec.errors.SimulatorError`. SIGINT/SIGTERM stop the loop cleanly and the producer is
+:class:`~core.errors.SimulatorError`. SIGINT/SIGTERM stop the loop cleanly and the producer is
 flushed.
 """
 
@@ -36,8 +36,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from abtest.ground_truth import GroundTruthRecorder
-from hymirec.errors import SimulatorError
-from hymirec.settings import Settings
+from core.errors import SimulatorError
+from core.settings import Settings
 from simulator.population import SimulatedPopulation, poisson_arrivals
 from streaming.kafka_io import EventProducer
 from streaming.schema import Event, EventType
@@ -64,7 +64,7 @@ def load_population(settings: Settings, num_clusters: int = 30) -> SimulatedPopu
     ``text-clusters``: ``sim_users`` new users over clusters of the items' MiniLM text
     embeddings (cached there too; the first call computes them, about a minute on CPU)."""
     if settings.sim_population == "movielens":
-        from hymirec.movielens import load_ratings
+        from core.movielens import load_ratings
         from simulator.grounded import grounded_population
 
         return grounded_population(

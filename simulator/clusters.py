@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["ItemClusters", "spherical_kmeans"]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["ImplicitALS", "ImplicitFactors", "fit_implicit_als", "implicit_als_objective"]
 

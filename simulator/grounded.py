@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from hymirec.errors import ConfigError, SimulatorError
+from core.errors import ConfigError, SimulatorError
 from simulator.factorization import ImplicitALS, fit_implicit_als
 from simulator.population import ClickModel, SimulatedPopulation
 

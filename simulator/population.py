@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hymirec.errors import ConfigError, SimulatorError
+from core.errors import ConfigError, SimulatorError
 from simulator.clusters import ItemClusters, spherical_kmeans
 
 __all__ = [

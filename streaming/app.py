@@ -14,10 +14,10 @@ from typing import Any
 
 import faust
 
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.item_features import ItemCodeTable
 from features.store import FeatureStoreClient
-from hymirec.settings import Settings
 from streaming.faust_compat import check_faust_version
 from streaming.fetch_backoff import install_aiokafka_backoff
 from streaming.worker import UserHistoryWorker

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hymirec.errors import ConfigError, InvalidEvent
+from core.errors import ConfigError, InvalidEvent
 from streaming.history import UserHistory
 from streaming.positions import BatchLedger, Rewind
 from streaming.schema import TrainingSample, parse_event

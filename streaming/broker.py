@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hymirec.errors import BrokerError
+from core.errors import BrokerError
 
 __all__ = ["BrokerStatus", "LocalBroker"]
 

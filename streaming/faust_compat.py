@@ -43,7 +43,7 @@ import faust
 from faust.serializers import codecs
 from faust.types import TP, AppT, TableT
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = [
     "FAUST_VERSION",

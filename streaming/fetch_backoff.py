@@ -37,7 +37,7 @@ import weakref
 from collections.abc import Mapping, Sized
 from typing import Any
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from streaming.doorbell import DoorbellListener, doorbell_dir, register_ringer, ring
 
 __all__ = [

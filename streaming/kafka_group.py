@@ -30,7 +30,7 @@ import kafka
 from kafka.coordinator.base import BaseCoordinator
 from kafka.structs import MemberState
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["fix_group_join"]
 

@@ -1,6 +1,6 @@
 """Kafka adapters (kafka-python): topic set-up and the event producer.
 
-Kafka exceptions are translated to :class:`~hymirec.errors.BrokerError` here, at the boundary. The
+Kafka exceptions are translated to :class:`~core.errors.BrokerError` here, at the boundary. The
 bootstrap address always comes from the settings, so the same code talks to the embedded broker or
 to a real Kafka cluster.
 """
@@ -18,8 +18,8 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
-from hymirec.errors import BrokerError, ConfigError
-from hymirec.settings import Settings
+from core.errors import BrokerError, ConfigError
+from core.settings import Settings
 from streaming.doorbell import doorbell_dir, register_ringer, ring
 from streaming.schema import Event
 

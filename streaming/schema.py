@@ -1,7 +1,7 @@
 """The event schema: one definition, validated on the way in (DESIGN.md, "Interfaces").
 
 Events travel as UTF-8 JSON. ``parse_event`` turns raw bytes into an :class:`Event` or raises
-:class:`~hymirec.errors.InvalidEvent` with a reason code and a message naming the field, which the
+:class:`~core.errors.InvalidEvent` with a reason code and a message naming the field, which the
 worker writes to the dead-letter topic beside the original bytes.
 
 A served list travels as one ``exposure`` event per request and experiment layer (its items in
@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hymirec.errors import InvalidEvent
+from core.errors import InvalidEvent
 
 __all__ = [
     "POSITIVE_EVENT_TYPES",

@@ -59,11 +59,11 @@ from typing import Any
 import faust
 from faust.types import TP, EventT, StreamT, TableT
 
+from core.errors import FeatureStoreError, InvalidEvent
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.item_features import ItemCodeTable
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.errors import FeatureStoreError, InvalidEvent
-from hymirec.settings import Settings
 from streaming import faust_compat
 from streaming.batch import BatchOutcome, Delivery, apply_batch, fault_drops
 from streaming.history import UserHistory
@@ -95,6 +95,7 @@ class PipelineCounters:
     skipped_deliveries: int = 0  # records delivered after a gap (ignored; see the ledger)
     rewinds: int = 0
     batches: int = 0
+    push_s: float = 0.0  # wall seconds inside Feast pushes (on their thread, within publish)
     reasons: dict[str, int] = field(default_factory=dict)
     # Wall seconds per phase of batch processing (the rest is waiting for records): apply,
     # publish (the Feast push beside the samples and dead letters, until all are acknowledged),
@@ -234,14 +235,16 @@ class UserHistoryWorker:
         return outcome
 
     async def _publish(self, outcome: BatchOutcome) -> None:
-        """Dead letters, the Feast push and the training samples, all acknowledged."""
+        """The Feast push (on its thread) beside the dead letters and training samples; returns
+        once the push is done and the broker has acknowledged every record."""
+        rows = [self._feature_row(user, state) for user, state in outcome.changed.items()]
+        push = asyncio.ensure_future(self._push(rows))
         acks = [await self._dead_letter(d, error) for d, error in outcome.dead_letters]
         app, topic = self.app, self.settings.training_topic
         for sample in outcome.samples:
             key, value = str(sample.user_id).encode(), sample.model_dump_json().encode()
             acks.append(await faust_compat.send_record(app, topic, key, value))
-        rows = [self._feature_row(user, state) for user, state in outcome.changed.items()]
-        await asyncio.gather(self._push(rows), *acks)
+        await asyncio.gather(push, *acks)
         self.counters.samples += len(outcome.samples)
 
     async def _persist(self, outcome: BatchOutcome) -> None:
@@ -280,11 +283,10 @@ class UserHistoryWorker:
     async def _push(self, rows: list[UserHistoryFeatures]) -> None:
         if not rows:
             return
-        loop = asyncio.get_running_loop()
         attempts = self.settings.worker_push_attempts
         for attempt in range(attempts):
             try:
-                await loop.run_in_executor(self._pusher, self.store.push_user_histories, rows)
+                await self._push_once(rows)
                 break
             except FeatureStoreError as exc:
                 if attempt + 1 == attempts:
@@ -293,6 +295,14 @@ class UserHistoryWorker:
                 log.warning("Feast push failed (attempt %d), retrying: %s", attempt + 1, exc)
                 await asyncio.sleep(0.2 * 2**attempt)
         self.counters.pushes += 1
+
+    async def _push_once(self, rows: list[UserHistoryFeatures]) -> None:
+        start = time.perf_counter()
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pusher, self.store.push_user_histories, rows)
+        finally:
+            self.counters.push_s += time.perf_counter() - start
 
     async def _rewind(self, rewind: Rewind) -> None:
         """Seek back to the first record not applied (see ``BatchLedger.rewinds``)."""
@@ -361,9 +371,9 @@ class UserHistoryWorker:
         counters = self.counters
         log.info(
             "events=%d samples=%d dead_letters=%d redeliveries=%d pushes=%d rewinds=%d "
-            "batches=%d busy_s=%s applied=%s",
+            "batches=%d busy_s=%s push_s=%.1f applied=%s",
             counters.events, counters.samples, counters.dead_letters, counters.redeliveries,
             counters.pushes, counters.rewinds, counters.batches,
-            {k: round(v, 1) for k, v in counters.phase_s.items()},
+            {k: round(v, 1) for k, v in counters.phase_s.items()}, counters.push_s,
             dict(sorted(self.ledger.positions().items())),
         )  # fmt: skip

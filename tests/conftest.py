@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from hymirec.settings import Settings
+from core.settings import Settings
 from streaming.broker import LocalBroker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

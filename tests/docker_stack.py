@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from hymirec.settings import Settings
+from core.settings import Settings
 from tests.conftest import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker" / "compose.yaml"

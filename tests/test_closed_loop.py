@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from abtest.splitter import Splitter
+from core.errors import ConfigError
+from core.movielens import load_ratings
+from core.settings import Settings
 from hymirec.closed_loop import EXPERIMENT, ClosedLoopResult, closed_loop_config, run_closed_loop
-from hymirec.errors import ConfigError
-from hymirec.movielens import load_ratings
-from hymirec.settings import Settings
 from model.base import CatalogInfo
 from model.data import build_catalog
 from model.popularity import Config as PopularityConfig

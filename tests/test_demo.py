@@ -12,8 +12,8 @@ from abtest.clickhouse import open_client, query_df
 from abtest.ground_truth import read_ground_truth
 from abtest.readout import format_readout
 from abtest.snapshot import read_experiment_snapshot, snapshot_filename
+from core.settings import Settings
 from hymirec.demo import EXPERIMENT, run_demo
-from hymirec.settings import Settings
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

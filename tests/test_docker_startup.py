@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from tests.conftest import free_port, wait_until
 from tests.docker_stack import (
     command,

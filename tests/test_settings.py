@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from hymirec.errors import ConfigError
-from hymirec.settings import Settings, load_settings
+from core.errors import ConfigError
+from core.settings import Settings, load_settings
 
 
 def test_environment_variables_with_prefix_set_fields(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@
 
 An out-of-range parameter (alpha, power, tau) raises ``ValueError`` instead. Callers that own a
 project error hierarchy translate at their boundary (``abtest.readout`` raises
-``hymirec.errors.DataError`` from a ``StatsDataError``), as adapters do with library exceptions.
+``core.errors.DataError`` from a ``StatsDataError``), as adapters do with library exceptions.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from abtest.clickhouse import (
     query_df,
 )
 from abtest.metrics import user_metrics
+from core.errors import AnalyticsError
+from core.settings import Settings
 from hymirec.cli import main
-from hymirec.errors import AnalyticsError
-from hymirec.settings import Settings
 from streaming.schema import Event
 from tests.abtest.test_metrics import (
     EXP,

@@ -19,9 +19,9 @@ from abtest.experiments import (
     load_experiments,
     parse_experiments,
 )
+from core.errors import ConfigError, ExperimentConfigError
+from core.settings import EXPERIMENTS_FILE
 from hymirec.cli import main
-from hymirec.errors import ConfigError, ExperimentConfigError
-from hymirec.settings import EXPERIMENTS_FILE
 from model.registry import MODEL_NAMES
 
 VALID: dict[str, Any] = {

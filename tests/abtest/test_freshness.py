@@ -26,7 +26,7 @@ from abtest.snapshot import (
     read_pipeline_snapshot,
     write_json_atomic,
 )
-from hymirec.settings import Settings
+from core.settings import Settings
 from model.checkpoint_registry import REGISTRY_FORMAT
 
 NOW_MS = 1_700_000_600_000

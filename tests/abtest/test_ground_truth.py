@@ -34,8 +34,8 @@ from abtest.ground_truth import (
 from abtest.metrics import USER_METRIC_COLUMNS, ExperimentMetrics
 from abtest.publish import ExperimentPlan, build_snapshot, publish_readouts
 from abtest.snapshot import read_experiment_snapshot, snapshot_filename, write_json_atomic
-from hymirec.errors import DataError
-from hymirec.settings import Settings
+from core.errors import DataError
+from core.settings import Settings
 
 M0 = 28_333_334 * 60_000  # a minute boundary
 M1 = M0 + 60_000

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from abtest.experiments import experiments_from_dict
 from abtest.splitter import fnv1a32, hash_v2, user_bucket, user_buckets
-from hymirec.errors import ExperimentConfigError
+from core.errors import ExperimentConfigError
 
 # (seed, value, JS SDK hash(seed, value, 2), JS SDK hashFnv32a(seed + value))
 JS_SDK_CASES = [

@@ -42,7 +42,7 @@ from abtest.stats import (
     RegressionAdjustedStatistic,
     SampleMeanStatistic,
 )
-from hymirec.settings import Settings
+from core.settings import Settings
 from streaming.schema import Event
 from tests.abtest.version1 import version_1_user_metrics
 

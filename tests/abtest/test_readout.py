@@ -41,9 +41,9 @@ from abtest.stats import (
     two_proportion_ztest,
     welch_ttest,
 )
+from core.errors import DataError
+from core.settings import Settings
 from hymirec.cli import main
-from hymirec.errors import DataError
-from hymirec.settings import Settings
 from streaming.schema import Event
 
 DAY = 86_400_000

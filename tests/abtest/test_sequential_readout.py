@@ -30,7 +30,7 @@ from abtest.stats import (
     msprt_tau,
     msprt_test,
 )
-from hymirec.errors import DataError, ExperimentConfigError
+from core.errors import DataError, ExperimentConfigError
 
 ALPHA = 0.05
 SPEC = next(s for s in READOUT_METRICS if s.name == "genres_consumed")

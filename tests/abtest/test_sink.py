@@ -25,9 +25,9 @@ from kafka.errors import KafkaError
 from abtest.clickhouse import analytics_client, open_client, query_df
 from abtest.metrics import user_metrics
 from abtest.sink import EventSink, SinkStats
-from hymirec.errors import AnalyticsError, BrokerError
+from core.errors import AnalyticsError, BrokerError
+from core.settings import Settings
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.schema import Event
 from tests.conftest import committed_offsets as group_offsets

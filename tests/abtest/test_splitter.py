@@ -26,8 +26,8 @@ from abtest.experiments import (
     load_experiments,
 )
 from abtest.splitter import Route, Splitter, fnv1a32, hash_v2, user_bucket, user_buckets
-from hymirec.errors import ExperimentConfigError
-from hymirec.settings import EXPERIMENTS_FILE
+from core.errors import ExperimentConfigError
+from core.settings import EXPERIMENTS_FILE
 
 ALPHA = 0.001
 MILLION = np.arange(1_000_000, dtype=np.int64)

@@ -21,7 +21,7 @@ import pytest
 from abtest.clickhouse import analytics_client, insert_event_frame, load_item_dimension
 from abtest.publish import PublishReport, publish_readouts
 from abtest.readout import Readout, experiment_readout
-from hymirec.settings import Settings
+from core.settings import Settings
 
 DAY_MS = 86_400_000
 T0_MS = 1_700_000_000_000

@@ -23,6 +23,7 @@ from abtest.snapshot import (
     snapshot_filename,
     write_json_atomic,
 )
+from core.settings import Settings
 from dashboard.charts import FRESHNESS_AGE_TITLE, GROUND_TRUTH_TITLE, TRAINING_LAG_TITLE
 from dashboard.data import (
     EXPECTED,
@@ -40,7 +41,6 @@ from dashboard.data import (
     training_lag_frame,
     true_lifts,
 )
-from hymirec.settings import Settings
 from model.checkpoint_registry import REGISTRY_FORMAT
 from streaming.kafka_io import EventProducer, ensure_topics
 from tests.conftest import free_port

@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 from websockets.sync.client import ClientConnection, connect
 
+from core.settings import Settings
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from tests.conftest import REPO_ROOT, free_port, wait_until
 from tests.dashboard.conftest import BROKEN, Published
 

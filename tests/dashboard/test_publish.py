@@ -36,9 +36,9 @@ from abtest.snapshot import (
     snapshot_filename,
     write_json_atomic,
 )
+from core.errors import DataError
+from core.settings import EXPERIMENTS_FILE, Settings
 from hymirec.cli import main
-from hymirec.errors import DataError
-from hymirec.settings import EXPERIMENTS_FILE, Settings
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.schema import Event

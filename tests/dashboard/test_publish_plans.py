@@ -30,8 +30,8 @@ from abtest.snapshot import (
     snapshot_filename,
 )
 from abtest.stats.srm import SRM_THRESHOLD
+from core.settings import Settings
 from hymirec.cli import main
-from hymirec.settings import Settings
 from streaming.broker import LocalBroker
 from tests.conftest import free_port, wait_until
 from tests.dashboard.conftest import broken_split, experiment_frame

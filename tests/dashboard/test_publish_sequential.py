@@ -22,8 +22,8 @@ from abtest.publish import publish_readouts
 from abtest.readout import experiment_readout
 from abtest.sequential_looks import SequentialPlan
 from abtest.snapshot import ExperimentSnapshot, read_experiment_snapshot, snapshot_filename
+from core.settings import Settings
 from hymirec.cli import main
-from hymirec.settings import Settings
 from tests.dashboard.conftest import experiment_frame
 
 NAME = "seq-looks"

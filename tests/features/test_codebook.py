@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import CodebookError
+from core.movielens import item_texts, load_items
 from features import item_embeddings
 from features.codebook import ResidualCodebook, balanced_assignment, spherical_balanced_kmeans
 from features.item_embeddings import embed_item_texts, embedding_cache_path
-from hymirec.errors import CodebookError
-from hymirec.movielens import item_texts, load_items
 
 FAST = settings(max_examples=40, deadline=None)
 

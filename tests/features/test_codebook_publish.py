@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import CodebookError
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.codebook_publish import codebook_frames, decode_vectors, publish_codebook
 from features.decode import CodebookTable
 from features.store import FeatureStoreClient
-from hymirec.errors import CodebookError
-from hymirec.settings import Settings
 
 
 def random_codebook(levels: int, size: int, dim: int, seed: int = 0) -> ResidualCodebook:

@@ -18,13 +18,13 @@ import httpx
 import numpy as np
 import pytest
 
+from core.movielens import load_ratings, replay_histories
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.decode import FeatureServerClient
 from features.item_features import ItemFeatures, build_item_features
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.movielens import load_ratings, replay_histories
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from tests.conftest import EMBEDDING_CACHE, free_port, wait_until
 
 pytestmark = pytest.mark.integration

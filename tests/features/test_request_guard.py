@@ -21,9 +21,9 @@ import pytest
 import uvicorn
 from feast.feature_server import get_app
 
+from core.settings import Settings
 from features.server import FEAST_SERVER_VERSION, ServerLimits, guarded_app
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.settings import Settings
 from tests.conftest import free_port, wait_until
 
 HISTORY = ["user_history:recent_item_ids", "user_history:long_codes", "user_history:history_len"]

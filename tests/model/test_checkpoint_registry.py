@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hymirec.errors import DataError, TrainerError
+from core.errors import DataError, TrainerError
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
 from tests.conftest import wait_until
 

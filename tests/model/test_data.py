@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hymirec.errors import DataError
+from core.errors import DataError
 from model.data import SequenceData, evaluation_batches, training_batches
 from tests.model.offline_fixtures import cyclic_data
 
@@ -129,7 +129,7 @@ def test_movielens_sequences_load() -> None:
 
 
 def test_catalog_rows_follow_item_indices_and_reuse_a_cached_codebook(tmp_path) -> None:
-    from hymirec.settings import Settings
+    from core.settings import Settings
     from model.data import build_catalog
     from tests.conftest import EMBEDDING_CACHE
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hymirec.errors import DataError
+from core.errors import DataError
 from model.evaluate import (
     RankingAccumulator,
     masked_scores,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model.base import Batch
 from model.fuxi_mme import Config, FuxiMME, build_model
 from model.layers import Block

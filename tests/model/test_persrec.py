@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model.base import Batch
 from model.persrec import Config, PerSRec, build_model, persrec_mask
 from tests.model.offline_fixtures import tiny_catalog

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model import registry
 from model.sasrec import Config as SASRecConfig
 from tests.model.offline_fixtures import batch_of, tiny_catalog

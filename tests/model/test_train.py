@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hymirec.errors import DataError
+from core.errors import DataError
 from model.evaluate import ranking_metrics
 from model.train import evaluate_model, load_checkpoint, save_checkpoint, train_and_evaluate
 from tests.model.offline_fixtures import cyclic_data, tiny_catalog

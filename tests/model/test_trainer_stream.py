@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from hymirec.movielens import load_ratings
+from core.movielens import load_ratings
+from core.settings import Settings
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from model.checkpoint_registry import CheckpointRegistry
 from model.trainer import load_version_model
 from streaming.kafka_io import ensure_topics

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from hymirec.errors import BrokerError
-from hymirec.settings import Settings
+from core.errors import BrokerError
+from core.settings import Settings
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.schema import Event

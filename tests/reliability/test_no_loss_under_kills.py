@@ -35,11 +35,11 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from abtest.clickhouse import analytics_client, query_df
+from core.movielens import load_ratings, replay_histories
+from core.settings import Settings
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
-from hymirec.movielens import load_ratings, replay_histories
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from model.checkpoint_registry import CheckpointRegistry
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events

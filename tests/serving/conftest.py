@@ -18,11 +18,11 @@ import pytest
 import torch
 from kafka import KafkaConsumer, TopicPartition
 
+from core.movielens import load_ratings, replay_histories
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.item_features import ItemCodeTable, build_item_features
 from features.store import FeatureStoreClient, UserHistoryFeatures
-from hymirec.movielens import load_ratings, replay_histories
-from hymirec.settings import Settings
 from model.base import CatalogInfo
 from model.checkpoint_registry import CheckpointRegistry
 from model.data import build_catalog

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from abtest.experiments import load_experiments
 from abtest.splitter import Splitter
-from hymirec.movielens import load_ratings
+from core.movielens import load_ratings
 from model.base import Batch, CatalogInfo
 from model.trainer import load_version_model
 from serving import MAX_K, RecommendationService, ServerThread, create_app

@@ -15,8 +15,8 @@ import pytest
 
 from abtest.clickhouse import analytics_client, query_df
 from abtest.sink import EventSink
-from hymirec.errors import InvalidEvent
-from hymirec.settings import Settings
+from core.errors import InvalidEvent
+from core.settings import Settings
 from serving.exposure import Exposure, exposure_events
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.schema import Event, exposure_impressions, parse_event

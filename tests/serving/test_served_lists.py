@@ -12,9 +12,9 @@ import torch
 
 from abtest.experiments import load_experiments
 from abtest.splitter import Splitter
+from core.errors import FeatureStoreError
 from features.item_features import load_item_features
 from features.store import FeatureStoreClient
-from hymirec.errors import FeatureStoreError
 from model.base import Batch
 from model.checkpoint import load_version_model
 from model.hymirec import HyMiRec

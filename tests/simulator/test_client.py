@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from core.errors import SimulatorError
+from core.settings import Settings
 from hymirec.cli import main
-from hymirec.errors import SimulatorError
-from hymirec.settings import Settings
 from simulator.client import run_simulation
 from simulator.population import SIM_USER_ID_BASE
 from streaming.kafka_io import ensure_topics

@@ -10,8 +10,8 @@ import pytest
 from scipy import linalg
 from scipy.special import expit
 
-from hymirec.errors import ConfigError, SimulatorError
-from hymirec.movielens import load_ratings
+from core.errors import ConfigError, SimulatorError
+from core.movielens import load_ratings
 from simulator.factorization import ImplicitALS, fit_implicit_als, implicit_als_objective
 from simulator.grounded import GroundedWorld, fit_item_factors, grounded_population
 from tests.simulator.test_population import enumerate_dcm

@@ -17,7 +17,7 @@ import pytest
 from scipy import stats as sps
 from scipy.special import expit
 
-from hymirec.errors import ConfigError, SimulatorError
+from core.errors import ConfigError, SimulatorError
 from simulator.clusters import spherical_kmeans
 from simulator.population import (
     SIM_USER_ID_BASE,

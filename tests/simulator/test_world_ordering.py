@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.movielens import load_ratings
+from core.settings import Settings
 from hymirec.closed_loop import pretrained_models
-from hymirec.movielens import load_ratings
-from hymirec.settings import Settings
 from hymirec.world_check import ORACLE, RANDOM, offline_expected_ctr
 from model.data import build_catalog
 from simulator.grounded import grounded_population

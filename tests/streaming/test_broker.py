@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from hymirec.errors import BrokerError
+from core.errors import BrokerError
 from streaming.broker import LocalBroker
 from tests.conftest import free_port
 

@@ -1,9 +1,9 @@
 """The doorbell: a pause between empty fetches ends when a producer of this host has a record
 acknowledged, for kafka-python and aiokafka consumers alike.
 
-The integration tests set the pauses' cap to ``LONG_CAP_MS`` (a minute) and wait at most half of
-a quarter of it for the record, so a record can only arrive in time through the doorbell (nothing here is a
-speed limit: any machine passes in milliseconds).
+The integration tests set the pauses' cap to ``LONG_CAP_MS`` (a minute) and wait at most a
+quarter of it for the record, so a record can only arrive in time through the doorbell (nothing
+here is a speed limit: any machine passes in milliseconds).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kafka import KafkaConsumer
 
 import streaming.doorbell as doorbell
 import streaming.fetch_backoff as fetch_backoff
-from hymirec.settings import Settings
+from core.settings import Settings
 from streaming.doorbell import DoorbellListener, doorbell_dir, register_ringer, ring
 from streaming.fetch_backoff import (
     EmptyFetchBackoff,

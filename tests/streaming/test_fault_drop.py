@@ -5,8 +5,8 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from hymirec.errors import ConfigError
-from hymirec.settings import Settings
+from core.errors import ConfigError
+from core.settings import Settings
 from streaming.batch import fault_drops
 
 

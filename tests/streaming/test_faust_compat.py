@@ -11,7 +11,7 @@ from faust.tables.table import Table
 from faust.transport.consumer import Consumer, ThreadDelegateConsumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from streaming.faust_compat import FAUST_VERSION, check_faust_version
 
 

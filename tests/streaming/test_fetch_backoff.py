@@ -21,8 +21,8 @@ from aiokafka.consumer.fetcher import Fetcher
 from kafka.consumer.fetcher import Fetcher as KafkaFetcher
 
 import streaming.fetch_backoff as fetch_backoff
-from hymirec.errors import ConfigError
-from hymirec.settings import Settings
+from core.errors import ConfigError
+from core.settings import Settings
 from streaming.fetch_backoff import (
     EmptyFetchBackoff,
     install_aiokafka_backoff,

@@ -13,7 +13,7 @@ import pytest
 from kafka.coordinator.base import BaseCoordinator
 
 import streaming.kafka_group as kafka_group
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 
 
 def test_the_fix_wraps_the_join_once() -> None:

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from core.movielens import load_ratings, replay_histories
+from core.settings import Settings
 from features.item_features import ItemFeatures, build_item_features
 from features.store import FeatureStoreClient
 from hymirec.demo import wait_for_histories
-from hymirec.movielens import load_ratings, replay_histories
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.replay import movielens_events, replay_events
 from streaming.schema import Event

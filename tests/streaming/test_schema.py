@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hymirec.errors import InvalidEvent
+from core.errors import InvalidEvent
 from streaming.schema import Event, parse_event
 
 LIMIT = 64 * 1024

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from core.errors import FeatureStoreError
+from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.item_features import ItemCodeTable
 from features.store import UserHistoryFeatures
-from hymirec.errors import FeatureStoreError
-from hymirec.settings import Settings
 from streaming import faust_compat
 from streaming.app import AGENT_NAME, create_app
 from streaming.schema import Event

@@ -14,12 +14,12 @@ from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, MemberToRemove
 from kafka.structs import OffsetAndMetadata
 
+from core.movielens import load_ratings, replay_histories
+from core.settings import Settings
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
 from hymirec.demo import wait_for_histories
-from hymirec.movielens import load_ratings, replay_histories
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events, replay_events
 from streaming.worker import EXIT_BATCH_FAILED
