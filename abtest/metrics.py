@@ -83,10 +83,11 @@ USER_METRIC_COLUMNS: tuple[str, ...] = (
 # Parameters: experiment (String), pre_window_ms (Int64). Nothing else enters the text.
 # Every CTE is used once (ClickHouse inlines each use, so a CTE used twice is computed twice), and
 # each reads one key range: ``events`` is ordered by (event_type, experiment, user_id, event_id),
-# so the experiment's impressions, its errors and the positive events lie in separate ranges.
-# The exposed users, their variants and first exposures come from ``exposure_users`` (a row per
-# user), the distinct requests and each request's latency from ``exposure_requests`` (a row per
-# request: a fifth of the impressions, and no GROUP BY over request id strings).
+# so the experiment's impressions, its errors and the positive events lie in separate ranges, each
+# read once. The exposed users, their variants and first exposures come from ``exposure_users`` (a
+# row per user; read a second time, first exposures only, for the join that dates the outcomes),
+# the distinct requests and each request's latency from ``exposure_requests`` (a row per request:
+# a fifth of the impressions, and no GROUP BY over request id strings).
 # PREWHERE (not WHERE) on the FINAL reads filters rows before the copies are collapsed, which is
 # exact because the copies of an event are identical in every column but ingested_at; it spares
 # FINAL from merging the rows that the filter drops.
@@ -163,19 +164,19 @@ SELECT
     toString(x.exposed_variant) AS variant,
     x.mixed AS mixed,
     toInt64(x.first_exposure_ms) AS first_exposure_ms,
-    toInt64(r.exposures) AS exposures,
+    toInt64(coalesce(r.exposures, 0)) AS exposures,
     toInt64(coalesce(s.impressions, 0)) AS impressions,
     toInt64(coalesce(o.clicks, 0)) AS clicks,
     toInt64(coalesce(o.plays, 0)) AS plays,
     toInt64(coalesce(o.plays, 0) > 0) AS converted,
     toInt64(coalesce(o.genres_consumed, 0)) AS genres_consumed,
     toFloat64(coalesce(r.latency_ms_sum, 0)) AS latency_ms_sum,
-    toInt64(r.latency_requests) AS latency_requests,
+    toInt64(coalesce(r.latency_requests, 0)) AS latency_requests,
     toInt64(coalesce(f.errors, 0)) AS errors,
-    toInt64(r.exposures + coalesce(f.errors, 0)) AS requests,
+    toInt64(coalesce(r.exposures, 0) + coalesce(f.errors, 0)) AS requests,
     toInt64(coalesce(o.pre_positive_events, 0)) AS pre_positive_events
 FROM exposure AS x
-INNER JOIN requests AS r ON x.user_id = r.user_id
+LEFT JOIN requests AS r ON x.user_id = r.user_id
 LEFT JOIN shown AS s ON x.user_id = s.user_id
 LEFT JOIN failures AS f ON x.user_id = f.user_id
 LEFT JOIN outcome AS o ON x.user_id = o.user_id
