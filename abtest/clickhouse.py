@@ -21,12 +21,14 @@ not partitioned: a monthly partition key makes ClickHouse refuse any insert bloc
 than 100 months (``max_partitions_per_insert_block``), so one batch of valid but far-apart
 timestamps would fail forever and stall the sink; partitions do not speed up these queries.
 
-``exposure_requests`` holds one row per (experiment, user, request id) of the tagged impressions,
-kept by a materialised view on every insert into ``events``: the earliest timestamp, the largest
-latency and the smallest and largest variant. Minima and maxima are the same however many copies
-of an impression arrive, so this table needs no deduplication of its own (reads use ``FINAL`` to
-combine the partial rows of unmerged parts), and a readout gets a user's distinct requests and
-each request's latency without grouping millions of impressions by a request id string.
+Two aggregates of the tagged impressions are kept by materialised views on every insert into
+``events``: ``exposure_users``, one row per (experiment, user) with the earliest timestamp and the
+smallest and largest variant, and ``exposure_requests``, one row per (experiment, user, request
+id) with the same and the largest latency. Minima and maxima are the same however many copies of
+an impression arrive, so these tables need no deduplication of their own (reads use ``FINAL`` to
+combine the partial rows of unmerged parts), and a readout gets its users, their variants, their
+distinct requests and each request's latency without grouping millions of impressions by a
+request id string.
 
 One process per chdb directory (measured with chdb 4.4.0, clickhouse-connect 1.12.0). The engine
 takes an exclusive lock on ``<dir>/status`` (which holds ``PID: n``) while any client in the process
