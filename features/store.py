@@ -125,8 +125,19 @@ class FeatureStoreClient:
             raise FeatureStoreError(f"push to {push_source} failed: {exc}") from exc
 
     def push_user_histories(self, rows: list[UserHistoryFeatures]) -> None:
-        if rows:
-            self.push("user_history_push", user_history_frame(rows))
+        """Upsert users' online histories (the stream worker calls this once per batch).
+
+        Written to the ``user_history`` view, the one view ``user_history_push`` feeds, with
+        ``write_to_online_store``: ``push`` would first rebuild every feature view from the
+        registry to find the push source's views, and then list the feature services, which took
+        most of a small push's time (about half of a 300-row push's CPU here).
+        """
+        if not rows:
+            return
+        try:
+            self.store.write_to_online_store("user_history", user_history_frame(rows))
+        except Exception as exc:
+            raise FeatureStoreError(f"push to user_history failed: {exc}") from exc
 
     def online(
         self, features: list[str], entity_rows: list[dict[str, Any]]

@@ -45,6 +45,10 @@ def test_pushed_histories_read_back_and_later_pushes_replace_them(tmp_path: Path
     newer = UserHistoryFeatures(7, [2, 3, 4], b"\x02\x03\x04", 4, 40, 12, "v1")
     client.push_user_histories([newer])
     assert client.user_histories([7])[7] == newer
+    # push_user_histories writes the view directly: it must be the only one the source feeds.
+    views = client.store.list_feature_views()
+    fed = [v.name for v in views if v.stream_source and v.stream_source.name == "user_history_push"]
+    assert fed == ["user_history"]
 
 
 def test_item_code_lookup_marks_unknown_items() -> None:
