@@ -66,6 +66,7 @@ __all__ = [
     "experiments_from_dict",
     "load_experiments",
     "parse_experiments",
+    "trained_models",
 ]
 
 BUCKETS = 10_000  # hash resolution: positions, ranges and weights are multiples of 1/BUCKETS
@@ -441,3 +442,9 @@ def load_experiments(path: Path) -> ExperimentsConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ExperimentConfigError(f"{path}: cannot read the experiments file: {exc}") from None
     return parse_experiments(text, source=str(path))
+
+
+def trained_models(path: Path) -> list[str]:
+    """The models the trainer keeps fresh for an experiments file: every model it serves, plus
+    ``popular`` (the service's answer for users without history)."""
+    return sorted(load_experiments(path).models() | {"popular"})

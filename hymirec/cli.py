@@ -239,13 +239,17 @@ def _trainer(settings: Settings, args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from abtest.experiments import trained_models
     from model.data import build_catalog
     from model.trainer_loop import run_trainer
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+    else:
+        models = list(settings.trainer_model_names) or trained_models(settings.experiments_file)
     report = run_trainer(
         settings, build_catalog(settings), models, stop, args.max_idle, init_from=args.init_from
     )

@@ -326,9 +326,9 @@ def run_demo(
             f"[features] {len(built.table.item_ids)} items, codebook {built.codebook.levels}x"
             f"{built.codebook.size} ({built.codebook.bytes_per_item} bytes/item)"
         )
-        from abtest.experiments import load_experiments
+        from abtest.experiments import trained_models
 
-        models = sorted(load_experiments(experiments).models() | {"popular"})
+        models = trained_models(experiments)
         init_from = _pretrain(settings, models, pretrain_epochs)
         children.start("worker", ["worker"])
         sink = children.start("sink", ["sink", "--publish-readouts"])

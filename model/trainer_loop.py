@@ -43,7 +43,7 @@ from streaming.fetch_backoff import install_kafka_python_backoff
 from streaming.kafka_io import ensure_topics
 from streaming.schema import TrainingSample
 
-__all__ = ["TrainerReport", "resolve_models", "run_trainer"]
+__all__ = ["TrainerReport", "check_models", "run_trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +58,15 @@ class TrainerReport:
     versions: dict[str, list[str]] = field(default_factory=dict)
 
 
-def resolve_models(settings: Settings) -> list[str]:
-    """``trainer_models`` if set, else every model the experiments serve plus ``popular``
-    (the service's cold-start answer for users without history)."""
-    names = list(settings.trainer_model_names)
-    if not names:
-        from abtest.experiments import load_experiments
-
-        names = sorted(load_experiments(settings.experiments_file).models() | {"popular"})
+def check_models(names: Sequence[str]) -> list[str]:
+    """``names`` as a list, or ConfigError for an unknown name or none at all (the caller picks
+    them: ``HYMIREC_TRAINER_MODELS``, else the experiments' models, in the CLI)."""
     unknown = [n for n in names if n not in MODEL_NAMES]
     if unknown:
-        raise ConfigError(
-            f"HYMIREC_TRAINER_MODELS names unknown models {unknown}; "
-            f"known: {', '.join(MODEL_NAMES)}"
-        )
+        raise ConfigError(f"unknown models {unknown} to train; known: {', '.join(MODEL_NAMES)}")
     if not names:
         raise ConfigError("no models to train: set HYMIREC_TRAINER_MODELS or add experiments")
-    return names
+    return list(names)
 
 
 def _device(settings: Settings) -> str:
@@ -194,7 +186,7 @@ def torch_threads(settings: Settings) -> int:
 def run_trainer(
     settings: Settings,
     catalog: CatalogInfo,
-    models: Sequence[str] | None = None,
+    models: Sequence[str],
     stop: threading.Event | None = None,
     max_idle_s: float | None = None,
     init_from: Path | None = None,
@@ -210,7 +202,7 @@ def run_trainer(
     import torch
 
     torch.set_num_threads(torch_threads(settings))
-    names = list(models) if models else resolve_models(settings)
+    names = check_models(models)
     stop = stop or threading.Event()
     store = CheckpointRegistry(settings.registry_dir)
     options = TrainerOptions(
