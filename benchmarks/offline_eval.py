@@ -5,8 +5,13 @@ a message) with the one harness, ``model.train.train_and_evaluate``, for each se
 markdown table of mean ± std (over seeds, ddof=1) of the test metrics and the cost of training,
 and appends it with the date, the machine and the protocol to ``benchmarks/RESULTS.md``.
 
+Beside leave-one-out it reports, for multi-interest models, every interest-merge rule on the same
+trained weights (``model.interest_merge``), leave-one-out on the tie-free users, and a second
+training per model and seed on the multi-target hold-out (``model.multi_target``: the last 10 items
+as the target set; ``--multi-target 0`` skips it).
+
 Run from the repository root: ``python -m benchmarks.offline_eval [--models ...] [--seeds 0 1 2]
-[--epochs E]``.
+[--epochs E] [--threads T] [--multi-target N] [--clusters world|genres] [--results PATH]``.
 """
 
 from __future__ import annotations
@@ -19,14 +24,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from benchmarks.report import append_section, machine
 from hymirec.errors import HymirecError
-from hymirec.settings import load_settings
+from hymirec.movielens import load_ratings
+from hymirec.settings import Settings, load_settings
 from model import registry
-from model.data import build_catalog, load_movielens_sequences
-from model.train import RunResult, train_and_evaluate
+from model.base import CatalogInfo
+from model.data import SequenceData, build_catalog, load_movielens_sequences
+from model.evaluate import genre_ids
+from model.interest_merge import MERGES, Merge
+from model.multi_target import evaluate_multi_target, holdout_data, tie_free_users
+from model.train import RunResult, evaluate_model, train_and_evaluate
+from simulator.grounded import grounded_population
 
 METRICS = [
     ("Recall@10", "recall@10"),
@@ -49,6 +62,22 @@ own loss (full softmax over all items); validation after every epoch, best NDCG@
 after `patience` epochs without gain; the best weights are tested. Mean ± std over seeds (ddof=1).
 - Cost: train s = epochs plus their validation passes; samples/s = training sequences per second \
 of optimiser steps; peak MB = RSS growth over the run's start (CPU) or CUDA peak allocation."""
+
+MULTI_PROTOCOL = """\
+- Merge rules: a multi-interest model's K scores per item merged by max, tau*logsumexp(s/tau) at \
+the training temperature, or a learned gate over interests (`model/interest_merge.py`), all on the \
+same best-on-validation weights (selected with the model's configured merge).
+- Tie-free users: those whose test and validation items have different timestamps (ML-100K \
+stores seconds; ties are in file order, which no model can know); leave-one-out on them only.
+- Multi-target hold-out: each user's last {n} items are the target set; the model is trained \
+again (same seed and budget) on the rest, early-stopping on the item before the set; \
+Recall@50 = hits/|set|, NDCG@50 over the set, interest coverage@50 = share of the set's item \
+clusters ({clusters}) that the top 50 hit."""
+
+CLUSTERS = {
+    "world": "the grounded world's 20 item clusters, simulator/grounded.py",
+    "genres": "genre sets",
+}
 
 ANCHORS = """\
 Published anchors (a different data set, MovieLens-1M, with sampled-softmax training; context, \
@@ -87,6 +116,120 @@ def table(runs: dict[str, list[RunResult]]) -> str:
     return "\n".join(lines)
 
 
+Extras = dict[
+    str, dict[str, float]
+]  # "valid/max", "test/gate", "tie_free/logsumexp", ... -> metrics
+
+
+def item_clusters(
+    kind: str, catalog: CatalogInfo, data: SequenceData, settings: Settings
+) -> Tensor:
+    """(N + 1,) int64 cluster per item index: the grounded world's item clusters, or genre sets."""
+    if kind == "genres":
+        return genre_ids(catalog.genres)
+    world = grounded_population(load_ratings(), seed=0, cache_dir=settings.embedding_cache_dir)
+    labels = world.clusters.labels[world.rows(data.item_ids)]
+    return torch.from_numpy(np.concatenate([[0], labels]).astype(np.int64))
+
+
+def merges_of(run: RunResult) -> tuple[Merge | None, ...]:
+    """The merge rules worth comparing for this model (None = the model's own, one interest)."""
+    return MERGES if run.model.num_interests > 1 else (None,)
+
+
+def leave_one_out_extras(run: RunResult, data: SequenceData, catalog: CatalogInfo) -> Extras:
+    """Valid and test metrics under each merge rule, and test on the tie-free users."""
+    max_len, tie_free, out = int(run.options["max_len"]), tie_free_users(data), {}
+    for merge in merges_of(run):
+        rule = merge or "own"
+        for split in ("valid", "test"):
+            out[f"{split}/{rule}"] = evaluate_model(
+                run.model,
+                data,
+                catalog.genres,
+                split,
+                max_len,
+                merge=merge,
+            )
+        out[f"tie_free/{rule}"] = evaluate_model(
+            run.model,
+            data,
+            catalog.genres,
+            "test",
+            max_len,
+            merge=merge,
+            users=tie_free,
+        )
+    return out
+
+
+def merge_table(extras: dict[str, list[Extras]]) -> str:
+    head = "| model | merge | valid R@50 | valid NDCG@10 | test R@50 | test NDCG@10 |"
+    head += " tie-free R@50 | tie-free NDCG@10 |"
+    lines = [head, "|---|---" + "|---:" * 6 + "|"]
+    for name, runs in extras.items():
+        rules = sorted({key.split("/")[1] for key in runs[0]}, key=lambda r: (r != "own", r))
+        for rule in rules:
+            cells = [name, rule]
+            for part in ("valid", "test", "tie_free"):
+                for metric in ("recall@50", "ndcg@10"):
+                    cells.append(mean_std([r[f"{part}/{rule}"][metric] for r in runs]))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+MULTI_METRICS = [
+    ("Recall@50", "recall@50"),
+    ("NDCG@50", "ndcg@50"),
+    ("HR@50", "hr@50"),
+    ("interest cov@50", "interest_coverage@50"),
+    ("Recall@10", "recall@10"),
+]
+
+
+def multi_target_table(extras: dict[str, list[Extras]]) -> str:
+    head = ["model", "merge", *(label for label, _ in MULTI_METRICS)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * len(MULTI_METRICS) + "|"]
+    for name, runs in extras.items():
+        for rule in sorted({key.split("/")[1] for key in runs[0]}, key=lambda r: (r != "own", r)):
+            cells = [name, rule]
+            cells += [mean_std([r[f"multi/{rule}"][key] for r in runs]) for _, key in MULTI_METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def multi_target_extras(
+    name: str,
+    args: argparse.Namespace,
+    seed: int,
+    catalog: CatalogInfo,
+    data: SequenceData,
+    clusters: Tensor,
+) -> Extras:
+    """Train ``name`` again on the multi-target hold-out; its set metrics under each merge."""
+    run = train_and_evaluate(
+        name,
+        catalog,
+        holdout_data(data, args.multi_target),
+        seed=seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        patience=args.patience,
+    )
+    max_len = int(run.options["max_len"])
+    return {
+        f"multi/{merge or 'own'}": evaluate_multi_target(
+            run.model,
+            data,
+            clusters,
+            max_len,
+            args.multi_target,
+            merge=merge,
+        )
+        for merge in merges_of(run)
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", nargs="+", default=list(registry.MODEL_NAMES))
@@ -96,13 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
+    parser.add_argument("--multi-target", type=int, default=10, help="target set size; 0: skip")
+    parser.add_argument("--clusters", choices=sorted(CLUSTERS), default="world")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = machine_now()
 
     settings = load_settings()
     catalog, data = build_catalog(settings), load_movielens_sequences()
+    clusters = item_clusters(args.clusters, catalog, data, settings) if args.multi_target else None
     runs: dict[str, list[RunResult]] = {}
+    loo_extras: dict[str, list[Extras]] = {}
+    multi_extras: dict[str, list[Extras]] = {}
     skipped: list[str] = []
     for name in args.models:
         if not registry.is_available(name):
@@ -126,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"skip {name}: {exc}", file=sys.stderr)
                 break
             runs.setdefault(name, []).append(run)
+            loo_extras.setdefault(name, []).append(leave_one_out_extras(run, data, catalog))
+            if clusters is not None:
+                multi = multi_target_extras(name, args, seed, catalog, data, clusters)
+                multi_extras.setdefault(name, []).append(multi)
             print(
                 f"{name} seed {seed}: test ndcg@10 {run.test['ndcg@10']:.4f} "
                 f"(best epoch {run.best_epoch}/{run.epochs_run}, "
@@ -146,7 +298,17 @@ def main(argv: list[str] | None = None) -> None:
         "",
         table(runs),
         "",
+        MULTI_PROTOCOL.format(n=args.multi_target, clusters=CLUSTERS[args.clusters]),
+        "",
+        f"Leave-one-out by merge rule ({int(tie_free_users(data).sum())} of {data.num_users} "
+        "users tie-free):",
+        "",
+        merge_table(loo_extras),
+        "",
     ]
+    if multi_extras:
+        parts += [f"Multi-target hold-out (last {args.multi_target} items):", ""]
+        parts += [multi_target_table(multi_extras), ""]
     if skipped:
         parts += [f"Skipped: {'; '.join(skipped)}.", ""]
     parts += [ANCHORS, ""]

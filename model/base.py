@@ -2,9 +2,12 @@
 
 Items are indexed ``1..num_items`` (0 is padding). A batch holds each user's history, left-padded,
 oldest first, and the next ``W`` items as training targets. A model turns a batch into ``K`` user
-embeddings per user (``K = 1`` for single-embedding models); a user's score for an item is the best
-of its interests' dot products with the item embedding (ComiRec-style retrieval: each interest
-retrieves its own top-N; merging by score and de-duplicating is the same as ranking by the max).
+embeddings per user (``K = 1`` for single-embedding models); a user's score for an item merges its
+interests' dot products with the item embedding (:meth:`SequentialRecommender.interest_scores`):
+by default the best of them (ComiRec-style retrieval: each interest retrieves its own top-N;
+merging by score and de-duplicating is the same as ranking by the max); a model may merge by
+another rule of ``model.interest_merge`` (HyMiRec does). With one interest every rule is the
+identity up to a constant.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from model.interest_merge import Merge
 
 __all__ = ["Batch", "CatalogInfo", "SequentialRecommender"]
 
@@ -72,10 +77,21 @@ class SequentialRecommender(nn.Module, abc.ABC):
     def loss(self, batch: Batch) -> Tensor:
         """Scalar training loss for predicting ``batch.targets`` from ``batch.history``."""
 
-    def score_all(self, batch: Batch) -> Tensor:
-        """(B, num_items + 1) scores: for each item, the best of the user's interests."""
+    def interest_scores(
+        self, interests: Tensor, items: Tensor, merge: Merge | None = None
+    ) -> Tensor:
+        """(..., N) one score per item from ``interests`` (..., K, D) and ``items`` (N, D).
+
+        The base rule is the max over interests whatever ``merge`` asks (single-embedding models
+        have nothing to merge). Serving calls this with one user's cached (K, D) interests.
+        """
+        return torch.einsum("...kd,nd->...kn", interests, items).amax(dim=-2)
+
+    def score_all(self, batch: Batch, merge: Merge | None = None) -> Tensor:
+        """(B, num_items + 1) scores: the user's interests merged per item (item 0 at -inf).
+
+        ``merge`` overrides the model's own rule (to compare rules on the same weights)."""
         interests = self.user_interests(batch)  # (B, K, D)
-        items = self.item_embeddings()  # (N+1, D)
-        scores = torch.einsum("bkd,nd->bkn", interests, items).amax(dim=1)
+        scores = self.interest_scores(interests, self.item_embeddings(), merge)
         scores[:, 0] = float("-inf")
         return scores

@@ -27,9 +27,11 @@ available to us):
    items are grouped and the groups matched one-to-one to interests (Hungarian), or each target
    goes to its closest interest (ComiRec's argmax), then a full softmax over all items per target.
 
-Retrieval is ComiRec-style: each interest's top-N merged by score (``score_all`` takes the max
-over interests). ``encode_long`` and ``refine`` split inference so the long-history part can be
-computed once per user and cached.
+Scoring merges the K interest scores by ``Config.merge`` (``model/interest_merge.py``): the soft
+maximum ``tau * logsumexp(s / tau)`` at the training temperature by default, or the max (ComiRec's
+retrieval), or a learned gate over interests. ``encode_long`` and ``refine`` split inference so the
+long-history part can be computed once per user and cached; :meth:`HyMiRec.interest_scores` scores
+cached interests.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 
 from hymirec.errors import ConfigError
 from model.base import Batch, CatalogInfo, SequentialRecommender
+from model.interest_merge import MERGES, InterestGate, Merge, gate_loss, merge_interest_scores
 from model.layers import MLP, Block, causal_padding_mask, init_weights
 from model.matching import assign_targets, diversity_penalty, multi_interest_loss
 
@@ -95,6 +98,8 @@ class Config:
     kmeans_iters: int = 10  # Lloyd steps when grouping targets (hungarian only)
     diversity_weight: float = 0.0  # weight of the squared-cosine penalty between interests
     dense_weight: float = 1.0  # weight of the auxiliary next-item loss on the recent positions
+    merge: Merge = "logsumexp"  # how the K interest scores become one (model/interest_merge.py)
+    gate_weight: float = 1.0  # weight of the interest gate's own loss (0: the gate is not trained)
 
     def __post_init__(self) -> None:
         for name in ("dim", "heads", "layers", "recent_len", "coarse_interests", "interests"):
@@ -114,6 +119,10 @@ class Config:
             raise ConfigError(f"Config.diversity_weight must be >= 0; got {self.diversity_weight}")
         if self.dense_weight < 0.0:
             raise ConfigError(f"Config.dense_weight must be >= 0; got {self.dense_weight}")
+        if self.merge not in MERGES:
+            raise ConfigError(f"Config.merge must be one of {MERGES}; got {self.merge!r}")
+        if self.gate_weight < 0.0:
+            raise ConfigError(f"Config.gate_weight must be >= 0; got {self.gate_weight}")
 
 
 class ItemEncoder(nn.Module):
@@ -262,6 +271,12 @@ class HyMiRec(SequentialRecommender):
         )
         self.refiner = InterestRefiner(config)
         init_weights(self)
+        # Built on a forked RNG: adding the gate left every other initial weight and the dropout
+        # stream as they were, and its loss does not reach them, so the other weights train
+        # exactly as without it (only the merge rule and what it selects on differ).
+        with torch.random.fork_rng(devices=[]):
+            self.gate = InterestGate(config.dim)
+            init_weights(self.gate)
 
     def split_history(self, history: Tensor) -> tuple[Tensor, Tensor]:
         """(long (B, max(L - R, 0)), recent (B, R)) of a left-padded history (B, L)."""
@@ -298,6 +313,21 @@ class HyMiRec(SequentialRecommender):
     def user_interests(self, batch: Batch) -> Tensor:
         long, recent = self.split_history(batch.history)
         return self.refine(self.encode_long(self.codes[long]), recent)
+
+    def interest_scores(
+        self, interests: Tensor, items: Tensor, merge: Merge | None = None
+    ) -> Tensor:
+        """(..., N) scores of unit ``interests`` (..., K, D) against ``items`` (N, D), merged by
+        ``merge`` (default ``Config.merge``) at the training temperature."""
+        rule = merge or self.config.merge
+        scores = torch.einsum("...kd,nd->...kn", interests, items)
+        logits = self.gate(interests) if rule == "gate" else None
+        return merge_interest_scores(scores, rule, self.config.temperature, logits)
+
+    def score_all(self, batch: Batch, merge: Merge | None = None) -> Tensor:
+        """The base class's scoring, defined here so that callers that special-case the base
+        class's max (``model.online``'s bucketed evaluation) call this model's own merge."""
+        return super().score_all(batch, merge)
 
     def item_embeddings(self) -> Tensor:
         everything = torch.arange(self.codes.shape[0], device=self.codes.device)
@@ -336,6 +366,9 @@ class HyMiRec(SequentialRecommender):
         if self.config.dense_weight > 0.0:
             dense = self.dense_loss(states, recent, batch.targets, items)
             loss = loss + self.config.dense_weight * dense
+        if self.config.gate_weight > 0.0:
+            gated = gate_loss(self.gate, interests, items, batch.targets, self.config.temperature)
+            loss = loss + self.config.gate_weight * gated
         return loss
 
 

@@ -7,6 +7,13 @@ improvement; those best weights are then evaluated on the test targets. Epoch 0 
 model, so a run can never return weights worse (on validation) than its initialisation. The
 popularity baseline is fitted by counting and skips the loop (the ``epochs=0`` path).
 
+Reproducible on CPU: a run seeds Python, NumPy and torch from ``seed``, draws its data order from
+``numpy.random.default_rng(seed)`` and runs under ``torch.use_deterministic_algorithms`` (with
+cuDNN's deterministic kernels and no autotuning on CUDA), so two runs with the same seed, data,
+torch build and thread count give the same weights and metrics
+(``tests/model/test_reproducible.py``). The thread count is recorded in the run's options: a
+different count may sum in another order.
+
 Timing: ``train_time_s`` is the wall time from the first step to the chosen model (training
 epochs and their validation passes); ``samples_per_s`` counts training sequences per second of
 optimisation steps alone. Memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); on
@@ -17,6 +24,7 @@ missing; that is a process-lifetime high-water mark, so it under-reports later r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -27,7 +35,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +45,10 @@ import torch
 
 from hymirec.errors import ConfigError, DataError
 from model import registry
-from model.base import CatalogInfo, SequentialRecommender
+from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.data import SequenceData, Split, evaluation_batches, training_batches
 from model.evaluate import RankingAccumulator
+from model.interest_merge import Merge
 from model.popularity import PopularityRecommender
 
 __all__ = [
@@ -86,6 +95,24 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Torch's deterministic kernels inside the block (warn where an op has none), restored after.
+
+    On CUDA, cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before the process starts to be
+    deterministic; without it torch warns and the run may differ in the last bits."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = was_cudnn
 
 
 class _PeakMemory:
@@ -144,16 +171,29 @@ def evaluate_model(
     max_len: int,
     batch_size: int = 256,
     device: torch.device | None = None,
+    *,
+    merge: Merge | None = None,
+    users: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Full-ranking metrics of ``model`` on one split (float32, eval mode)."""
+    """Full-ranking metrics of ``model`` on one split (float32, eval mode).
+
+    ``merge`` overrides the model's interest-merge rule; ``users`` (num_users,) bool keeps only
+    those users (e.g. ``model.multi_target.tie_free_users``)."""
     if device is None:
         device = next(itertools.chain(model.parameters(), model.buffers())).device
     was_training = model.training
     model.eval()
     accumulator = RankingAccumulator(genres)
     for chunk in evaluation_batches(data, split, max_len, batch_size):
-        scores = model.score_all(chunk.batch.to(device))
-        accumulator.add(scores.float(), chunk.target.to(device), chunk.seen.to(device))
+        batch, target, seen = chunk.batch, chunk.target, chunk.seen
+        if users is not None:
+            keep = torch.from_numpy(users[batch.user_index.numpy()])
+            if not keep.any():
+                continue
+            batch = Batch(*(t[keep] for t in vars(batch).values()))
+            target, seen = target[keep], seen[keep]
+        scores = model.score_all(batch.to(device), merge)
+        accumulator.add(scores.float(), target.to(device), seen.to(device))
     model.train(was_training)
     return accumulator.result()
 
@@ -164,6 +204,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+@deterministic_algorithms()
 def train_and_evaluate(
     name: str,
     catalog: CatalogInfo,
@@ -214,6 +255,8 @@ def train_and_evaluate(
         "cut": defaults.cut,
         "samples_per_user": defaults.samples_per_user,
         "selection": SELECTION_METRIC,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic": True,
     }
 
     def validate() -> dict[str, float]:

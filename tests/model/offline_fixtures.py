@@ -23,7 +23,8 @@ def tiny_catalog(num_items: int, text_dim: int = 16, levels: int = 2, size: int 
     genres = [frozenset[str]()] + [
         frozenset({GENRES[i % 4], GENRES[(i * 7) % 4]}) for i in range(1, num_items + 1)
     ]
-    return CatalogInfo(num_items, text, codes, centroids, torch.rand(levels, size), genres)
+    scales = torch.rand(levels, size, generator=gen)
+    return CatalogInfo(num_items, text, codes, centroids, scales, genres)
 
 
 def cyclic_data(num_users: int, num_items: int, length: int, seed: int = 0) -> SequenceData:

@@ -14,6 +14,7 @@ from features.codebook import ResidualCodebook
 from hymirec.errors import ConfigError
 from model.base import Batch, CatalogInfo
 from model.hymirec import Config, HyMiRec, build_model
+from model.interest_merge import Merge
 
 NUM_ITEMS, TEXT_DIM, LEVELS, SIZE = 40, 16, 2, 8
 TINY = Config(dim=16, heads=2, layers=1, recent_len=6, coarse_interests=2, interests=3, dropout=0.0)
@@ -117,16 +118,32 @@ def test_k_interests_are_unit_vectors_that_differ(catalog: CatalogInfo) -> None:
     assert cosines[:, off_diagonal].max() < 0.99
 
 
-def test_item_embeddings_are_what_score_all_ranks_with(catalog: CatalogInfo) -> None:
-    model = model_for(catalog)
+@pytest.mark.parametrize("merge", ["max", "logsumexp", "gate"])
+def test_item_embeddings_are_what_score_all_ranks_with(catalog: CatalogInfo, merge: Merge) -> None:
+    model = model_for(catalog, dataclasses.replace(TINY, merge=merge))
     batch = batch_of(HISTORY)
     with torch.no_grad():
+        for weight in model.gate.parameters():  # far from uniform (its init is nearly uniform)
+            weight.normal_(std=1.0)
         items = model.item_embeddings()
-        expected = torch.einsum("bkd,nd->bkn", model.user_interests(batch), items).amax(dim=1)
+        interests = model.user_interests(batch)
+        gate = model.gate(interests).double().numpy()  # (B, K)
         scores = model.score_all(batch)
+    # numpy float64 reference of each merge rule (model/interest_merge.py's docstring)
+    s = np.einsum("bkd,nd->bkn", interests.double().numpy(), items.double().numpy())
+    tau = TINY.temperature
+    weights = np.exp(gate) / np.exp(gate).sum(axis=1, keepdims=True)
+    expected = {
+        "max": s.max(axis=1),
+        "logsumexp": tau * np.log(np.exp(s / tau).sum(axis=1)),
+        "gate": tau * np.log((weights[:, :, None] * np.exp(s / tau)).sum(axis=1)),
+    }[merge]
     assert items.shape == (NUM_ITEMS + 1, TINY.dim)
-    assert torch.allclose(scores[:, 1:], expected[:, 1:])
+    np.testing.assert_allclose(scores[:, 1:].numpy(), expected[:, 1:], rtol=1e-5, atol=1e-6)
     assert torch.isinf(scores[:, 0]).all()
+    with torch.no_grad():  # one user's cached (K, D) interests, as serving scores them
+        one_user = model.interest_scores(interests[1], items)
+    np.testing.assert_allclose(one_user[1:].numpy(), expected[1, 1:], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_ids", [True, False])
@@ -197,14 +214,16 @@ def two_cluster_task(seed: int) -> tuple[CatalogInfo, Batch]:
 
 def test_hungarian_training_splits_two_interests_over_the_two_clusters() -> None:
     catalog, batch = two_cluster_task(seed=0)
-    config = dataclasses.replace(TINY, interests=2, recent_len=8, assignment="hungarian")
+    config = dataclasses.replace(  # the interests' loss alone (the gate's: test_interest_merge)
+        TINY, interests=2, recent_len=8, assignment="hungarian", gate_weight=0.0
+    )
     model = model_for(catalog, config).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
         loss = model.loss(batch)
         optimiser.zero_grad()
-        loss.backward()
+        torch.autograd.backward(loss)
         optimiser.step()
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from model import registry
 from model.base import Batch, SequentialRecommender
 from model.checkpoint_registry import CheckpointRegistry
+from model.interest_merge import Merge
 from model.online import (
     Example,
     StreamHistories,
@@ -206,8 +207,8 @@ class _NextItemBoost(PopularityRecommender):
     """A model with its own ``score_all`` (the fast path must call it): popularity plus one for
     each item that follows a history item in the catalogue's order."""
 
-    def score_all(self, batch: Batch) -> torch.Tensor:
-        scores = super().score_all(batch)
+    def score_all(self, batch: Batch, merge: Merge | None = None) -> torch.Tensor:
+        scores = super().score_all(batch, merge)
         following = batch.history % NUM_ITEMS + 1
         return scores.scatter_add(1, following, (batch.history > 0).float())
 
