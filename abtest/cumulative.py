@@ -1,16 +1,16 @@
 """The cumulative effect of an experiment over time, with its always-valid confidence sequence.
 
-Users enter in order of first exposure; the point at ``t`` is the readout
-(``readout_from_metrics``) of the users first exposed by ``t``, each with the metric value measured
-now (a cohort view, like GrowthBook's cumulative charts by first exposure), so the last
-point is the full readout. Beside the fixed-horizon CI each point carries the mSPRT confidence
-sequence (Johari et al. 2017; Howard et al. 2021's normal mixture, ``abtest.stats.sequential``)
-of the same estimator: effect ± sqrt(V(V + τ²)/τ² · (ln((V + τ²)/V) + 2 ln(1/α))), V the estimator's
-variance (CUPED-adjusted where the readout used CUPED). τ is the readout's own for that metric and
-treatment, fixed once for the experiment (``Readout.sequential``, ``abtest.sequential_looks``), so
-the band and ``p_sequential`` are one test; a series whose τ is not fixed yet has no band. The
-band holds the true effect at every point at once with probability ≥ 1 − α, so it is always wider
-than the fixed-horizon CI, which holds at one pre-chosen look only.
+Users enter in order of first exposure; the point at ``t`` is the readout (``readout_from_sums`` of
+``variant_sums_from_users``, as the publisher's table) of the users first exposed by ``t``, each
+with the metric value measured now (a cohort view, like GrowthBook's cumulative charts by first
+exposure), so the last point is the full readout. Beside the fixed-horizon CI each point carries
+the mSPRT confidence sequence (Johari et al. 2017; Howard et al. 2021's normal mixture,
+``abtest.stats.sequential``) of the same estimator: effect ± sqrt(V(V + τ²)/τ² · (ln((V + τ²)/V) +
+2 ln(1/α))), V the estimator's variance (CUPED-adjusted where the readout used CUPED). τ is the
+readout's own for that metric and treatment, fixed once for the experiment (``Readout.sequential``,
+``abtest.sequential_looks``), so the band and ``p_sequential`` are one test; a series whose τ is
+not fixed yet has no band. The band holds the true effect at every point at once with probability ≥
+1 − α, so it is always wider than the fixed-horizon CI, which holds at one pre-chosen look only.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from abtest.metrics import ExperimentMetrics
-from abtest.readout import Readout, readout_from_metrics
+from abtest.metrics import ExperimentMetrics, variant_sums_from_users
+from abtest.readout import Readout, readout_from_sums
 from abtest.snapshot import CumulativePoint, CumulativeSeries, TrafficPoint
 from abtest.stats import confidence_sequence_halfwidth
 
@@ -75,8 +75,10 @@ def cumulative_series(
         counts = sub["variant"].value_counts()
         if counts.get(control, 0) < min_users_per_arm:
             continue
-        look = readout_from_metrics(
-            ExperimentMetrics(metrics.experiment, sub, 0, metrics.pre_days),
+        look = readout_from_sums(
+            variant_sums_from_users(
+                ExperimentMetrics(metrics.experiment, sub, 0, metrics.pre_days)
+            ),
             control,
             alpha=alpha,
             sequential=None,

@@ -1,16 +1,19 @@
 """The readout publisher: each experiment's readout as an atomic JSON snapshot for the dashboard.
 
-``publish_readouts`` lists the experiments in ``events`` (impressions that carry an experiment and
-a variant) and the planned ones (``experiment_plans`` of the experiments file: the SRM check uses
-the configured weights, the first variant is the control; a planned experiment without traffic
-gets a snapshot with no users), computes each one's per-user metrics and readout
-(``abtest.metrics``, ``abtest.readout``), adds the request guardrails and the cumulative effect
-over time (``abtest.cumulative``), and writes ``<readouts_dir>/<experiment>.json`` (schema:
-``abtest.snapshot``). It also writes the pipeline's Kafka health (``abtest.pipeline_health``) to
-``_pipeline.json``, with the freshness series: per publish, the trainer's lag on the training
-topic and each registry model's newest learned event age (read from the checkpoint registry's
-metadata; an unreadable registry gives no models, logged). The same code runs inside the sink on
-chdb (which owns the directory) and as ``hymirec readout --publish`` against a ClickHouse server.
+``publish_readouts`` lists the experiments with exposures (impressions that carry an experiment and
+a variant, as ``exposure_users`` keeps them) and the planned ones (``experiment_plans`` of the
+experiments file: the SRM check uses the configured weights, the first variant is the control; a
+planned experiment without traffic gets a snapshot with no users), computes each one's per-user
+metrics (``abtest.metrics``), its readout from their per-variant sums
+(``abtest.readout.readout_from_sums``, the path of ``experiment_readout``), adds the request
+guardrails and the cumulative effect over time (``abtest.cumulative``, which needs the per-user
+rows: so the publisher reads them once and sums them with numpy rather than asking ClickHouse for
+the sums as well), and writes ``<readouts_dir>/<experiment>.json`` (schema: ``abtest.snapshot``).
+It also writes the pipeline's Kafka health (``abtest.pipeline_health``) to ``_pipeline.json``, with
+the freshness series: per publish, the trainer's lag on the training topic and each registry
+model's newest learned event age (read from the checkpoint registry's metadata; an unreadable
+registry gives no models, logged). The same code runs inside the sink on chdb (which owns the
+directory) and as ``hymirec readout --publish`` against a ClickHouse server.
 
 In a closed-loop simulation the simulator also writes its ground truth per variant and minute
 (``abtest.ground_truth``, into ``settings.ground_truth_dir``); the snapshot carries it when there
@@ -44,10 +47,10 @@ from abtest.clickhouse import analytics_client, query_df
 from abtest.cumulative import as_float, cumulative_series
 from abtest.freshness import freshness_point, freshness_series
 from abtest.ground_truth import GroundTruth, read_ground_truth
-from abtest.metrics import ExperimentMetrics, user_metrics
+from abtest.metrics import ExperimentMetrics, ExperimentSums, user_metrics, variant_sums_from_users
 from abtest.pipeline_health import pipeline_health
 from abtest.plans import ExperimentPlan, experiment_plans
-from abtest.readout import Readout, experiment_names, readout_from_metrics
+from abtest.readout import Readout, experiment_names, readout_from_sums
 from abtest.sequential_looks import SequentialState
 from abtest.snapshot import (
     PIPELINE_FILE,
@@ -171,9 +174,9 @@ def _effect_rows(readout: Readout) -> list[EffectRow]:
 
 
 def _variant_traffic(
-    metrics: ExperimentMetrics, readout: Readout, plan: ExperimentPlan
+    sums: ExperimentSums, readout: Readout, plan: ExperimentPlan
 ) -> list[VariantTraffic]:
-    frame, total = metrics.users, max(1, sum(readout.users.values()))
+    total = max(1, sum(readout.users.values()))
     expected: dict[str, float] = {}
     if readout.srm is not None and sum(readout.srm.expected) > 0:
         scale = sum(readout.srm.expected)
@@ -185,7 +188,7 @@ def _variant_traffic(
         VariantTraffic(
             variant=arm,
             users=int(readout.users.get(arm, 0)),
-            exposures=int(frame.loc[frame["variant"] == arm, "exposures"].sum()),
+            exposures=int(sums.variants[arm].sums["exposures"]) if arm in sums.variants else 0,
             share=readout.users.get(arm, 0) / total,
             expected_share=expected.get(arm),
             weight=None if plan.weights is None else float(plan.weights.get(arm, 0.0)),
@@ -288,14 +291,18 @@ def build_snapshot(
 ) -> ExperimentSnapshot:
     """The snapshot of one experiment from its per-user metrics and request guardrails (pure).
 
+    The effects are the readout of the frame's per-variant sums (``readout_from_sums``), so they
+    are ``experiment_readout``'s numbers (integer sums exactly, latency sums up to float order).
+
     A planned control with no exposed users yet gives a snapshot without effects; its traffic and
     SRM check still show (an arm with no users is itself a sample-ratio mismatch).
     ``ground_truth`` is the simulator's, when the experiment runs in a simulation; ``previous``
     the sequential states of the last snapshot (this publish is the next look).
     """
     plan = plan or ExperimentPlan()
-    readout = readout_from_metrics(
-        metrics,
+    sums = variant_sums_from_users(metrics)
+    readout = readout_from_sums(
+        sums,
         plan.control,
         plan.weights,
         alpha,
@@ -319,7 +326,7 @@ def build_snapshot(
         excluded_users=metrics.excluded_users,
         first_exposure_ms=int(times.min()) if len(times) else None,
         last_exposure_ms=int(times.max()) if len(times) else None,
-        variants=_variant_traffic(metrics, readout, plan),
+        variants=_variant_traffic(sums, readout, plan),
         srm=_srm_check(readout, plan),
         effects=effects,
         guardrails=_guardrails(readout, effects, requests, p99_tolerance),

@@ -1,11 +1,16 @@
 """The experiment readout: every metric, every treatment against control, in one tidy table.
 
-``experiment_readout`` queries the per-user metrics (``abtest.metrics``) and hands them to
-``readout_from_metrics``, a pure function over the frame; each row goes through
+``experiment_readout`` asks ClickHouse for each variant's sufficient statistics
+(``abtest.metrics.variant_sums``: n, Σx, Σx², Σxy of the per-user metrics, one row per variant)
+and hands them to ``readout_from_sums``, a pure function; each row goes through
 ``abtest.readout_rows.compare_statistics``, which calls the statistics engine (``abtest.stats``)
-on the two arms' sufficient statistics. The methods and the conventions (p-values on the scale
-of the interval shown, CUPED everywhere or nowhere, a flat prior, τ fixed once for the sequential
-column) are in ``abtest.readout_rows``.
+on the two arms' sufficient statistics. ``readout_from_metrics`` is the same readout of a per-user
+frame (``abtest.metrics.user_metrics``), with each arm's statistics taken from its rows: the
+reference the sums path is tested against (equal to 1e-9 relative in every column; counts sum
+exactly in both, the float latency up to summation order), and the path of callers that hold
+per-user rows anyway. The methods and the conventions (p-values on the scale of the interval
+shown, CUPED everywhere or nowhere, a flat prior, τ fixed once for the sequential column) are in
+``abtest.readout_rows``.
 
 Each row also carries Holm (FWER) and Benjamini–Hochberg (FDR) adjusted p-values over all
 metric × treatment rows. The sample-ratio check compares included users per variant with the
@@ -16,7 +21,7 @@ them as ``previous`` to the next look.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,15 +30,17 @@ import pandas as pd
 from clickhouse_connect.driver.client import Client
 
 from abtest.clickhouse import analytics_client, query_df
-from abtest.metrics import ExperimentMetrics, user_metrics
+from abtest.metrics import ExperimentMetrics, ExperimentSums, variant_sums
 from abtest.readout_format import format_readout
 from abtest.readout_rows import (
     COVARIATE,
     READOUT_COLUMNS,
     READOUT_METRICS,
     MetricSpec,
+    TestStatistic,
     arm_statistic,
     compare_statistics,
+    sums_statistics,
     test_statistics,
 )
 from abtest.sequential_looks import SequentialPlan, SequentialState, states_by_key
@@ -62,12 +69,15 @@ __all__ = [
     "experiment_readout",
     "format_readout",
     "readout_from_metrics",
+    "readout_from_sums",
+    "readout_table_from_sums",
 ]
 
+# A row of exposure_users exists exactly for each experiment with a tagged impression (its
+# materialised view keeps those with an experiment and a variant); partial rows need no FINAL here.
 _EXPERIMENTS_SQL = """
-SELECT DISTINCT toString(assumeNotNull(experiment)) AS experiment
-FROM events FINAL
-PREWHERE event_type = 'impression' AND experiment IS NOT NULL AND variant IS NOT NULL
+SELECT DISTINCT toString(experiment) AS experiment
+FROM exposure_users
 ORDER BY experiment
 """
 
@@ -115,8 +125,12 @@ def _srm(
 _DEFAULT_PLAN = SequentialPlan()
 
 
+# The two arms' statistics of one metric: (spec, control, treatment) -> (control's, treatment's).
+Statistics = Callable[[MetricSpec, str, str], tuple[TestStatistic, TestStatistic]]
+
+
 def _rows(
-    frame: pd.DataFrame,
+    statistics: Statistics,
     control: str,
     variants: list[str],
     alpha: float,
@@ -125,11 +139,9 @@ def _rows(
     previous: Mapping[tuple[str, str], SequentialState],
 ) -> tuple[list[dict[str, Any]], list[SequentialState]]:
     rows, states = [], []
-    control_frame = frame[frame["variant"] == control]
     for treatment in (v for v in variants if v != control):
-        treatment_frame = frame[frame["variant"] == treatment]
         for spec in READOUT_METRICS:
-            c, t = test_statistics(spec, control_frame, treatment_frame)
+            c, t = statistics(spec, control, treatment)
             row, state = compare_statistics(
                 spec,
                 c,
@@ -146,6 +158,106 @@ def _rows(
     return rows, states
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The readout's choices, as ``readout_from_sums`` and ``readout_from_metrics`` take them."""
+
+    control: str | None
+    weights: Mapping[str, float] | None
+    alpha: float
+    notes: str | None
+    prior: NormalPrior | None
+    sequential: SequentialPlan | None
+    previous: Sequence[SequentialState]
+    require_control: bool
+
+
+def _readout(
+    experiment: str,
+    users: Mapping[str, int],
+    excluded_users: int,
+    statistics: Statistics,
+    options: _Options,
+) -> Readout:
+    """The readout of the variants in ``users`` (those with included users, sorted)."""
+    variants = sorted(users)
+    control = options.control
+    if options.require_control and control is not None and control not in variants:
+        raise DataError(
+            f"control variant {control!r} has no exposed users in {experiment!r}; "
+            f"variants: {variants}"
+        )
+    chosen = control if control is not None else (_default_control(variants) if variants else None)
+    rows: list[dict[str, Any]] = []
+    states: list[SequentialState] = []
+    try:
+        if chosen is not None and chosen in variants:
+            rows, states = _rows(
+                statistics,
+                chosen,
+                variants,
+                options.alpha,
+                options.prior,
+                options.sequential,
+                states_by_key(options.previous),
+            )
+        srm, arms = _srm(users, options.weights)
+    except StatsDataError as exc:  # the engine's own error type, translated at this boundary
+        raise DataError(f"{experiment!r}: {exc}") from exc
+    table = pd.DataFrame(rows, columns=[c for c in READOUT_COLUMNS if c not in ("p_holm", "p_bh")])
+    table = _with_adjusted_p(table)[list(READOUT_COLUMNS)]
+    return Readout(
+        experiment,
+        chosen,
+        {v: users[v] for v in variants},
+        excluded_users,
+        table,
+        srm,
+        arms,
+        options.alpha,
+        options.notes,
+        dict(options.weights) if options.weights else None,
+        prior=describe_prior(options.prior),
+        sequential=tuple(states),
+    )
+
+
+def readout_from_sums(
+    sums: ExperimentSums,
+    control: str | None = None,
+    weights: Mapping[str, float] | None = None,
+    alpha: float = 0.05,
+    *,
+    notes: str | None = None,
+    prior: NormalPrior | None = None,
+    sequential: SequentialPlan | None = _DEFAULT_PLAN,
+    previous: Sequence[SequentialState] = (),
+    require_control: bool = True,
+) -> Readout:
+    """The readout of per-variant sums (pure: no I/O), as ``experiment_readout`` computes it.
+
+    A ``control`` without exposed users is an error, unless ``require_control`` is False: then
+    the table is empty and the SRM check (against ``weights``) still runs. ``previous`` are the
+    sequential states of the previous look (``Readout.sequential``); ``sequential=None`` leaves
+    the sequential column empty. Sums the engine rejects raise DataError.
+    """
+    arms = sums.variants
+    options = _Options(control, weights, alpha, notes, prior, sequential, previous, require_control)
+    return _readout(
+        sums.experiment,
+        sums.users,
+        sums.excluded_users,
+        lambda spec, c, t: sums_statistics(spec, arms[c], arms[t]),
+        options,
+    )
+
+
+def readout_table_from_sums(sums: ExperimentSums, control: str = "control") -> pd.DataFrame:
+    """The readout table (``READOUT_COLUMNS``) of every treatment against ``control``, with the
+    default choices (alpha 0.05, flat prior, a first sequential look)."""
+    return readout_from_sums(sums, control).table
+
+
 def readout_from_metrics(
     metrics: ExperimentMetrics,
     control: str | None = None,
@@ -158,47 +270,18 @@ def readout_from_metrics(
     previous: Sequence[SequentialState] = (),
     require_control: bool = True,
 ) -> Readout:
-    """The readout of an already-computed per-user frame (pure: no I/O).
-
-    A ``control`` without exposed users is an error, unless ``require_control`` is False: then
-    the table is empty and the SRM check (against ``weights``) still runs. ``previous`` are the
-    sequential states of the previous look (``Readout.sequential``); ``sequential=None`` leaves
-    the sequential column empty. Malformed values in the frame raise DataError.
-    """
+    """The readout of an already-computed per-user frame (pure: no I/O); the arguments as in
+    ``readout_from_sums``. Malformed values in the frame (a conversion other than 0 or 1, say)
+    raise DataError."""
     frame = metrics.users
-    variants = metrics.variants()
-    users = {v: int((frame["variant"] == v).sum()) for v in variants}
-    if require_control and control is not None and control not in variants:
-        raise DataError(
-            f"control variant {control!r} has no exposed users in {metrics.experiment!r}; "
-            f"variants: {variants}"
-        )
-    chosen = control if control is not None else (_default_control(variants) if variants else None)
-    rows: list[dict[str, Any]] = []
-    states: list[SequentialState] = []
-    try:
-        if chosen is not None and chosen in variants:
-            rows, states = _rows(
-                frame, chosen, variants, alpha, prior, sequential, states_by_key(previous)
-            )
-        srm, arms = _srm(users, weights)
-    except StatsDataError as exc:  # the engine's own error type, translated at this boundary
-        raise DataError(f"{metrics.experiment!r}: {exc}") from exc
-    table = pd.DataFrame(rows, columns=[c for c in READOUT_COLUMNS if c not in ("p_holm", "p_bh")])
-    table = _with_adjusted_p(table)[list(READOUT_COLUMNS)]
-    return Readout(
+    arms = {v: frame[frame["variant"] == v] for v in metrics.variants()}
+    options = _Options(control, weights, alpha, notes, prior, sequential, previous, require_control)
+    return _readout(
         metrics.experiment,
-        chosen,
-        users,
+        {v: len(rows) for v, rows in arms.items()},
         metrics.excluded_users,
-        table,
-        srm,
-        arms,
-        alpha,
-        notes,
-        dict(weights) if weights else None,
-        prior=describe_prior(prior),
-        sequential=tuple(states),
+        lambda spec, c, t: test_statistics(spec, arms[c], arms[t]),
+        options,
     )
 
 
@@ -216,10 +299,10 @@ def _with_adjusted_p(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _check_known(
-    client: Client, experiment: str, metrics: ExperimentMetrics, configured: Collection[str] | None
+    client: Client, experiment: str, sums: ExperimentSums, configured: Collection[str] | None
 ) -> None:
     """An experiment with no exposed users that the config does not define does not exist."""
-    if configured is None or not metrics.users.empty or experiment in configured:
+    if configured is None or sums.variants or experiment in configured:
         return
     with_traffic = experiment_names(client)
     raise ExperimentConfigError(
@@ -243,7 +326,7 @@ def experiment_readout(
     previous: Sequence[SequentialState] | None = None,
     configured: Collection[str] | None = None,
 ) -> Readout:
-    """Query ``experiment``'s per-user metrics and read it out (see the module docstring).
+    """Query ``experiment``'s per-variant sums and read it out (see the module docstring).
 
     ``source`` is an open client or the settings (then a client is opened and closed here, which
     on chdb fails with an AnalyticsError while another process, such as the sink, holds the
@@ -259,15 +342,15 @@ def experiment_readout(
         if previous is None:
             previous = previous_sequential_states(source.readouts_dir, experiment)
         with analytics_client(source) as client:
-            metrics = user_metrics(client, experiment, pre_days=days)
-            _check_known(client, experiment, metrics, configured)
+            sums = variant_sums(client, experiment, pre_days=days)
+            _check_known(client, experiment, sums, configured)
     else:
         default_days = Settings.model_fields["cuped_pre_days"].default
         days = pre_days if pre_days is not None else default_days
-        metrics = user_metrics(source, experiment, pre_days=days)
-        _check_known(source, experiment, metrics, configured)
-    return readout_from_metrics(
-        metrics,
+        sums = variant_sums(source, experiment, pre_days=days)
+        _check_known(source, experiment, sums, configured)
+    return readout_from_sums(
+        sums,
         control,
         weights,
         alpha,

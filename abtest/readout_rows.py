@@ -31,7 +31,7 @@ The conventions (README, "The statistics engine's conventions"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -56,10 +56,12 @@ __all__ = [
     "READOUT_COLUMNS",
     "READOUT_METRICS",
     "ArmStatistic",
+    "ArmSums",
     "MetricSpec",
     "TestStatistic",
     "arm_statistic",
     "compare_statistics",
+    "sums_statistics",
     "test_statistics",
 ]
 
@@ -148,6 +150,40 @@ def arm_statistic(spec: MetricSpec, arm: pd.DataFrame) -> ArmStatistic:
     return SampleMeanStatistic.from_array(values)
 
 
+class ArmSums(Protocol):
+    """One arm's per-user sums as the engine's statistics (``abtest.metrics.VariantSums``)."""
+
+    def mean(self, column: str) -> SampleMeanStatistic: ...
+
+    def proportion(self, column: str) -> ProportionStatistic: ...
+
+    def ratio(self, numerator: str, denominator: str) -> RatioStatistic: ...
+
+    def regression(self, post: str, pre: str) -> RegressionAdjustedStatistic: ...
+
+
+def _sums_arm(spec: MetricSpec, arm: ArmSums) -> ArmStatistic:
+    if spec.kind == "proportion":
+        return arm.proportion(spec.column)
+    if spec.kind == "ratio":
+        assert spec.denominator is not None
+        return arm.ratio(spec.column, spec.denominator)
+    return arm.mean(spec.column)
+
+
+def sums_statistics(
+    spec: MetricSpec, control: ArmSums, treatment: ArmSums
+) -> tuple[TestStatistic, TestStatistic]:
+    """``test_statistics`` from each arm's sums instead of its per-user rows: the same
+    statistics (sums of the same values), and the same CUPED choice."""
+    if spec.cuped:
+        cuped_c = control.regression(spec.column, COVARIATE)
+        cuped_t = treatment.regression(spec.column, COVARIATE)
+        if (cuped_c + cuped_t).pre.variance > 0:
+            return cuped_c, cuped_t
+    return _sums_arm(spec, control), _sums_arm(spec, treatment)
+
+
 def test_statistics(
     spec: MetricSpec, control: pd.DataFrame, treatment: pd.DataFrame
 ) -> tuple[TestStatistic, TestStatistic]:
@@ -198,10 +234,10 @@ def compare_statistics(
     """One readout row (``READOUT_COLUMNS`` less control, treatment and the adjusted p-values)
     from the two arms' statistics, and the sequential state after this look.
 
-    This is the readout's own path for every row (``readout_from_metrics`` calls it on the
-    statistics of the per-user frame); it also serves summary-statistics simulations of the
-    readout look by look (``benchmarks/sequential_fpr.py``). ``sequential=None`` skips the
-    sequential column.
+    This is the readout's own path for every row (``readout_from_sums`` calls it on each arm's
+    sums, ``readout_from_metrics`` on the statistics of the per-user frame); it also serves
+    summary-statistics simulations of the readout look by look (``benchmarks/sequential_fpr.py``).
+    ``sequential=None`` skips the sequential column.
     """
     result = _primary_test(control, treatment, alpha)
     bayes = bayesian_normal_test(

@@ -11,28 +11,27 @@ schema's help. Each CTE is
 used once (ClickHouse inlines every use). Both name their columns as ``abtest.metrics``'
 variant-sums query does (``n``, ``excluded``, ``sum__c``, ``sq__c``, ``prod__a__b``).
 
-``readout_table_from_sums`` is the readout (``abtest.readout.readout_from_metrics``) with each arm's
-statistics taken from ``VariantSums`` instead of a per-user frame: the same ``compare_statistics``
-per metric and treatment, the same CUPED choice, Holm and Benjamini–Hochberg over the rows.
+``readout_table_from_sums`` (the readout table of per-variant sums, with the default choices) now
+lives in ``abtest.readout``, the path ``experiment_readout`` takes; it is re-exported here for the
+benchmarks that import it from this module.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from abtest.metrics import SUM_COLUMNS, ExperimentSums, VariantSums
-from abtest.readout_rows import (
-    COVARIATE,
-    READOUT_COLUMNS,
-    READOUT_METRICS,
-    MetricSpec,
-    TestStatistic,
-    compare_statistics,
-)
-from abtest.sequential_looks import SequentialPlan
-from abtest.stats import benjamini_hochberg, holm
+from abtest.readout import readout_table_from_sums
 
-__all__ = ["EVENTS_ONLY_SQL", "HAND_WRITTEN_SQL", "readout_table_from_sums", "sums_frame"]
+__all__ = [
+    "EVENTS_ONLY_SQL",
+    "HAND_WRITTEN_SQL",
+    "readout_table_from_sums",
+    "sums_frame",
+    "sums_from_frame",
+]
 
 _PAIRS = [(a, b) for i, a in enumerate(SUM_COLUMNS) for b in SUM_COLUMNS[i + 1 :]]
 _SUMS = ", ".join(
@@ -187,42 +186,21 @@ def sums_frame(sums: ExperimentSums) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _arm(spec: MetricSpec, arm: VariantSums) -> TestStatistic:
-    if spec.kind == "proportion":
-        return arm.proportion(spec.column)
-    if spec.kind == "ratio":
-        assert spec.denominator is not None
-        return arm.ratio(spec.column, spec.denominator)
-    return arm.mean(spec.column)
+def sums_from_frame(frame: pd.DataFrame, experiment: str, pre_days: int) -> ExperimentSums:
+    """A reference query's rows (``sums_frame``'s columns, with ``excluded``) as the sums
+    ``variant_sums`` returns (integer sums as int, those with the latency as float)."""
 
+    def number(value: Any, *columns: str) -> float:
+        return float(value) if "latency_ms_sum" in columns else int(value)
 
-def _statistics(
-    spec: MetricSpec, control: VariantSums, treatment: VariantSums
-) -> tuple[TestStatistic, TestStatistic]:
-    """As ``abtest.readout_rows.test_statistics``: CUPED when the pooled covariate varies."""
-    if spec.cuped:
-        c, t = (
-            control.regression(spec.column, COVARIATE),
-            treatment.regression(spec.column, COVARIATE),
+    variants = {
+        str(row["variant"]): VariantSums(
+            int(row["n"]),
+            {c: number(row[f"sum__{c}"], c) for c in SUM_COLUMNS},
+            {c: number(row[f"sq__{c}"], c) for c in SUM_COLUMNS},
+            {(a, b): number(row[f"prod__{a}__{b}"], a, b) for a, b in _PAIRS},
         )
-        if (c + t).pre.variance > 0:
-            return c, t
-    return _arm(spec, control), _arm(spec, treatment)
-
-
-def readout_table_from_sums(sums: ExperimentSums, control: str = "control") -> pd.DataFrame:
-    """The readout table (``READOUT_COLUMNS``) of every treatment against ``control``."""
-    rows = []
-    for treatment in (v for v in sums.variants if v != control):
-        for spec in READOUT_METRICS:
-            c, t = _statistics(spec, sums.variants[control], sums.variants[treatment])
-            row, _ = compare_statistics(
-                spec, c, t, treatment_name=treatment, sequential=SequentialPlan()
-            )
-            rows.append(row | {"control": control, "treatment": treatment})
-    table = pd.DataFrame(rows)
-    defined = table["p_value"].notna()
-    table["p_holm"] = table["p_bh"] = float("nan")
-    table.loc[defined, "p_holm"] = holm(table.loc[defined, "p_value"].to_numpy(float))
-    table.loc[defined, "p_bh"] = benjamini_hochberg(table.loc[defined, "p_value"].to_numpy(float))
-    return table[list(READOUT_COLUMNS)]
+        for row in frame.to_dict("records")
+        if row["n"] > 0
+    }
+    return ExperimentSums(experiment, variants, int(frame["excluded"].sum()), pre_days)
