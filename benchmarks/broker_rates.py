@@ -13,8 +13,8 @@ import uuid
 
 from kafka import KafkaConsumer
 
-from hymirec.errors import HymirecError
-from hymirec.settings import Settings
+from core.errors import HymirecError
+from core.settings import Settings
 from streaming.kafka_io import EventProducer
 
 __all__ = ["Record", "raw_consume_aiokafka", "raw_consume_kafka_python", "raw_produce"]

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from benchmarks.report import append_section, machine
-from hymirec.errors import HymirecError
-from hymirec.movielens import load_ratings
-from hymirec.settings import Settings, load_settings
+from core.errors import HymirecError
+from core.movielens import load_ratings
+from core.settings import Settings, load_settings
 from model import registry
 from model.base import CatalogInfo
 from model.data import SequenceData, build_catalog, load_movielens_sequences

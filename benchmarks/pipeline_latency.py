@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from core.movielens import load_ratings
+from core.settings import Settings
 from features.store import FeatureStoreClient
-from hymirec.movielens import load_ratings
-from hymirec.settings import Settings
 from streaming.kafka_io import EventProducer, event_key
 from streaming.replay import movielens_events
 from streaming.schema import Event

@@ -73,12 +73,12 @@ from benchmarks.pipeline_worker import (
     warm_up,
 )
 from benchmarks.report import append_section, machine
+from core.errors import HymirecError
+from core.movielens import load_ratings
+from core.settings import Settings
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
-from hymirec.errors import HymirecError
-from hymirec.movielens import load_ratings
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.replay import movielens_events

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.pipeline_latency import history_lens
+from core.errors import HymirecError
+from core.settings import Settings
 from features.store import FeatureStoreClient
-from hymirec.errors import HymirecError
 from hymirec.processes import ServiceProcess
-from hymirec.settings import Settings
 from streaming.kafka_io import EventProducer
 from streaming.schema import Event
 

@@ -2,7 +2,7 @@
 
 The feature_store.yaml named by the settings is a template whose ``${HYMIREC_*}`` placeholders are
 filled from the settings object (not from the environment), so embedded and production differ only
-by which yaml is named. Feast exceptions become :class:`~hymirec.errors.FeatureStoreError` here.
+by which yaml is named. Feast exceptions become :class:`~core.errors.FeatureStoreError` here.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from feast import FeatureStore
 from feast.data_source import PushMode
 from feast.repo_config import RepoConfig
 
-from hymirec.errors import FeatureStoreError
-from hymirec.settings import Settings
+from core.errors import FeatureStoreError
+from core.settings import Settings
 
 __all__ = [
     "USER_HISTORY_FEATURES",

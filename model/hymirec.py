@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.interest_merge import MERGES, InterestGate, Merge, gate_loss, merge_interest_scores
 from model.layers import MLP, Block, causal_padding_mask, init_weights

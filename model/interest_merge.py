@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["MERGES", "InterestGate", "Merge", "gate_loss", "merge_interest_scores"]
 

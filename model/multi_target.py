@@ -15,7 +15,7 @@ The multi-target hold-out asks for a user's whole near future:
   one label per item: the grounded world's item clusters, or genre sets). Means over users.
 
 **Ties.** ML-100K stores seconds, and users often rate several items in one second: their replay
-order within a second is the file's order (``hymirec.movielens.load_ratings``), which a model
+order within a second is the file's order (``core.movielens.load_ratings``), which a model
 cannot know. :func:`tie_free_users` keeps the users whose test and validation items have
 different timestamps, so a leave-one-out metric on them does not depend on that order.
 """
@@ -30,7 +30,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from hymirec.errors import DataError
+from core.errors import DataError
 from model.base import SequentialRecommender
 from model.data import SequenceData, evaluation_batches
 from model.evaluate import masked_scores, top_items

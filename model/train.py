@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hymirec.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from model import registry
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.data import SequenceData, Split, evaluation_batches, training_batches

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import FeatureStoreError
+from core.settings import FEATURE_REPO_DIR, Settings
 from features.item_features import ItemCodeTable
 from features.store import FeatureStoreClient, UserHistoryFeatures, _repo_config
-from hymirec.errors import FeatureStoreError
-from hymirec.settings import FEATURE_REPO_DIR, Settings
 
 
 def test_both_configs_parse_with_paths_from_settings(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.errors import ConfigError
 from features.codebook import ResidualCodebook
-from hymirec.errors import ConfigError
 from model.base import Batch, CatalogInfo
 from model.hymirec import Config, HyMiRec, build_model
 from model.interest_merge import Merge

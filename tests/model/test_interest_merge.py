@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hymirec.errors import ConfigError
+from core.errors import ConfigError
 from model.interest_merge import MERGES, InterestGate, gate_loss, merge_interest_scores
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hymirec.errors import DataError
+from core.errors import DataError
 from model.data import SequenceData
 from model.multi_target import (
     MultiTargetAccumulator,
