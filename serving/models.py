@@ -239,10 +239,11 @@ class LoadedModel:
         return model.user_interests(batch)[0]
 
     def scores(self, history: UserHistory | None) -> Tensor:
-        """(num_items + 1,) the best of the user's interests per item; index 0 is -inf."""
+        """(num_items + 1,) the user's interests merged per item by the model's own rule (the
+        max for single-embedding models, HyMiRec's ``Config.merge``); index 0 is -inf."""
         interests = self.interests(history)
         with torch.no_grad():
-            scores = (interests @ self.item_vectors.T).amax(dim=0)
+            scores = self.model.interest_scores(interests, self.item_vectors).float()
             scores = torch.nan_to_num(scores, nan=-torch.inf)
             scores[0] = -torch.inf
         return scores

@@ -84,7 +84,8 @@ def loaded() -> LoadedModel:
 
 def reference_scores(loaded: LoadedModel, h: UserHistory) -> torch.Tensor:
     """The scores as serving computed them before the cache: ``HyMiRec.encode_long`` on the
-    long part, ``refine`` with the recent ids, the best interest per item, item 0 at -inf."""
+    long part, ``refine`` with the recent ids, the interests merged per item by the model's rule,
+    item 0 at -inf."""
     model = loaded.model
     assert isinstance(model, HyMiRec)
     r = min(model.config.recent_len, len(h.recent_item_ids))
@@ -92,7 +93,7 @@ def reference_scores(loaded: LoadedModel, h: UserHistory) -> torch.Tensor:
     recent = torch.from_numpy(h.recent_item_ids[len(h.recent_item_ids) - r :])
     with torch.no_grad():
         interests = model.refine(model.encode_long(long_codes[None]), recent[None])[0]
-        scores = (interests @ loaded.item_vectors.T).amax(dim=0)
+        scores = model.interest_scores(interests, loaded.item_vectors)
     scores[0] = -torch.inf
     return scores
 

@@ -61,7 +61,8 @@ class TodaysRanking:
                 zeros = torch.zeros(1, 1, dtype=torch.long)
                 batch = Batch(zeros[0], ids, torch.zeros_like(ids), zeros, zeros)
                 interests = model.user_interests(batch)[0]
-            scores = (interests.float() @ self.items.T).amax(dim=0)
+            # merged by the model's own rule (HyMiRec: Config.merge; the others: the max)
+            scores = model.interest_scores(interests.float(), self.items).float()
             scores = torch.nan_to_num(scores, nan=-torch.inf)
             scores[0] = -torch.inf
         if history is not None and len(history.seen_item_ids):
