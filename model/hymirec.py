@@ -272,6 +272,17 @@ class InterestRefiner(nn.Module):
         return out[:, -num_queries:], out[:, :-num_queries]
 
 
+def _keep_gate_of_older_checkpoints(
+    module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: object
+) -> None:
+    """A checkpoint saved before the interest gate existed has no ``gate.*`` weights: it loads
+    with the module's freshly initialised gate (used only by ``merge="gate"``), not an error."""
+    gate = module.gate
+    assert isinstance(gate, nn.Module)
+    for name, tensor in gate.state_dict().items():
+        state_dict.setdefault(f"{prefix}gate.{name}", tensor.detach().clone())
+
+
 class HyMiRec(SequentialRecommender):
     """Long history (codes) -> coarse interests; [coarse ; recent items] -> K refined interests."""
 
@@ -295,6 +306,7 @@ class HyMiRec(SequentialRecommender):
         with torch.random.fork_rng(devices=[]):
             self.gate = InterestGate(config.dim)
             init_weights(self.gate)
+        self.register_load_state_dict_pre_hook(_keep_gate_of_older_checkpoints)  # type: ignore[no-untyped-call]
 
     def split_history(self, history: Tensor) -> tuple[Tensor, Tensor]:
         """(long (B, max(L - R, 0)), recent (B, R)) of a left-padded history (B, L)."""
