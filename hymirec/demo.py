@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import yaml
@@ -45,6 +46,10 @@ from model.checkpoint_registry import CheckpointRegistry
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events, replay_events
+
+if TYPE_CHECKING:
+    from simulator.client import SimulationStats
+    from simulator.population import SimulatedPopulation
 
 __all__ = [
     "EXPERIMENT",
@@ -267,6 +272,110 @@ def _sink_lag(settings: Settings) -> int | None:
     return None
 
 
+def _demo_settings(settings: Settings, experiments: Path) -> Settings:
+    return settings.model_copy(
+        update={
+            "experiments_file": experiments,
+            "trainer_models": "",
+            "trainer_publish_every_s": min(settings.trainer_publish_every_s, 10.0),
+            # Six processes share the machine's cores: one torch thread each for the trainer
+            # unless set (two threads beside busy neighbours were slower than one).
+            "trainer_threads": settings.trainer_threads or 1,
+        }
+    )
+
+
+def _start_broker(settings: Settings) -> tuple[LocalBroker, bool]:
+    """The broker, after clearing the state of earlier demos; True when the demo owns it."""
+    for folder in (
+        settings.feast_dir,
+        settings.registry_dir,
+        settings.clickhouse_dir,
+        settings.readouts_dir,
+        settings.ground_truth_dir,
+    ):
+        shutil.rmtree(folder, ignore_errors=True)  # a fresh run: no state from earlier demos
+    embedded = settings.kafka_bootstrap == f"{settings.broker_host}:{settings.broker_port}"
+    broker = LocalBroker(settings.broker_dir, settings.broker_host, settings.broker_port)
+    if embedded and broker.answers():
+        # A broker already serves this address (`hymirec broker start`, or a test's): use it.
+        print(f"[broker] using the broker already at {settings.kafka_bootstrap}")
+        return broker, False
+    if embedded:
+        broker.stop()
+        shutil.rmtree(settings.broker_dir, ignore_errors=True)  # a fresh log every demo run
+        status = broker.start()
+        print(f"[broker] embedded noida-db ready at {status.address} (pid {status.pid})")
+    return broker, embedded
+
+
+def _warm_start(settings: Settings, warm_events: int, timeout_s: float) -> None:
+    """Every rating of the warm start through the pipeline, until every history is online."""
+    ratings = load_ratings().head(warm_events)
+    with EventProducer(settings) as producer:
+        sent = replay_events(producer, movielens_events(ratings))
+    print(f"[warm start] {sent:,} MovieLens-100K ratings sent through the pipeline")
+    expected = {int(u): int(n) for u, n in ratings.groupby("user_id").size().items()}
+    wait_for_histories(FeatureStoreClient(settings), expected, timeout_s)
+    print(f"[warm start] {len(expected):,} users' histories online in Feast")
+
+
+def _start_serving(
+    settings: Settings, children: _Children, models: list[str], init_from: Path, timeout_s: float
+) -> None:
+    """The trainer from the offline versions, then the service and the dashboard."""
+    children.start("trainer", ["trainer", "--init-from", str(init_from)])
+    store = CheckpointRegistry(settings.registry_dir)
+    _wait(
+        lambda: all(store.latest_version(m) is not None for m in models),
+        timeout_s,
+        f"a first version of {', '.join(models)}",
+        children,
+    )
+    print(f"[trainer] pretrained versions published: {', '.join(models)}")
+    children.start("serve", ["serve"])
+    _wait(lambda: _service_ready(settings), timeout_s, "the service to be ready", children)
+    print(f"[serve] ready at http://{settings.serve_host}:{settings.serve_port}/docs")
+    children.start("dashboard", ["dashboard"])
+    print(f"[dashboard] http://127.0.0.1:{settings.dashboard_port}")
+
+
+def _report(
+    settings: Settings, scenario: str, stats: SimulationStats, population: SimulatedPopulation
+) -> Readout:
+    """The readout, the simulator's ground truth beside it, and the verdict (printed)."""
+    from abtest.ground_truth import read_ground_truth
+    from abtest.readout import experiment_readout, format_readout
+
+    readout = experiment_readout(
+        settings,
+        scenario,
+        control="control",
+        notes=("Every arm's model trains on the pooled stream of all arms (DESIGN.md)."),
+    )
+    print("\n" + format_readout(readout))
+    print("\n== simulator ground truth (exact expectations over the served lists) ==")
+    for variant, arm in sorted(stats.variants.items()):
+        print(
+            f"{variant:>10}: requests {arm.requests:,}  observed CTR {arm.ctr:.4f}  "
+            f"expected CTR {arm.expected_ctr:.4f}  clusters consumed per clicking user "
+            f"{arm.mean_clusters_consumed(population):.2f}"
+        )
+    truth = read_ground_truth(settings.ground_truth_dir, scenario)
+    if truth is not None:
+        print("\nexpected CTR per minute (the simulation's ground truth):")
+        for point in truth.points:
+            minute = time.strftime("%H:%M", time.gmtime(point.minute_start_ms / 1000))
+            print(
+                f"  {minute} {point.variant:>10}: {point.expected_ctr or 0:.4f} over "
+                f"{point.requests} lists"
+            )
+    print("\n== the readout against the truth ==")
+    for line in truth_verdict(readout, truth, scenario):
+        print(line)
+    return readout
+
+
 def run_demo(
     settings: Settings,
     duration_s: float = 120.0,
@@ -280,43 +389,15 @@ def run_demo(
 
     ``pretrain_epochs`` overrides every model's offline budget (``model.pretrain``; tests use 1).
     """
-    from abtest.ground_truth import read_ground_truth
-    from abtest.readout import experiment_readout, format_readout
+    from abtest.experiments import trained_models
     from simulator.client import load_population, run_simulation
 
     if scenario not in SCENARIOS:
         raise HymirecError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
     experiments = _experiments_file(settings, scenario)
-    settings = settings.model_copy(
-        update={
-            "experiments_file": experiments,
-            "trainer_models": "",
-            "trainer_publish_every_s": min(settings.trainer_publish_every_s, 10.0),
-            # Six processes share the machine's cores: one torch thread each for the trainer
-            # unless set (two threads beside busy neighbours were slower than one).
-            "trainer_threads": settings.trainer_threads or 1,
-        }
-    )
-    embedded = settings.kafka_bootstrap == f"{settings.broker_host}:{settings.broker_port}"
-    broker = LocalBroker(settings.broker_dir, settings.broker_host, settings.broker_port)
+    settings = _demo_settings(settings, experiments)
     print(f"== hymirec demo: experiment {scenario!r}, {duration_s:.0f} s of simulated traffic ==")
-    for folder in (
-        settings.feast_dir,
-        settings.registry_dir,
-        settings.clickhouse_dir,
-        settings.readouts_dir,
-        settings.ground_truth_dir,
-    ):
-        shutil.rmtree(folder, ignore_errors=True)  # a fresh run: no state from earlier demos
-    if embedded and broker.answers():
-        # A broker already serves this address (`hymirec broker start`, or a test's): use it.
-        print(f"[broker] using the broker already at {settings.kafka_bootstrap}")
-        embedded = False
-    elif embedded:
-        broker.stop()
-        shutil.rmtree(settings.broker_dir, ignore_errors=True)  # a fresh log every demo run
-        status = broker.start()
-        print(f"[broker] embedded noida-db ready at {status.address} (pid {status.pid})")
+    broker, owned = _start_broker(settings)
     children = _Children(settings)
     started = time.monotonic()
     try:
@@ -326,33 +407,12 @@ def run_demo(
             f"[features] {len(built.table.item_ids)} items, codebook {built.codebook.levels}x"
             f"{built.codebook.size} ({built.codebook.bytes_per_item} bytes/item)"
         )
-        from abtest.experiments import trained_models
-
         models = trained_models(experiments)
         init_from = _pretrain(settings, models, pretrain_epochs)
         children.start("worker", ["worker"])
         sink = children.start("sink", ["sink", "--publish-readouts"])
-        ratings = load_ratings().head(warm_events)
-        with EventProducer(settings) as producer:
-            sent = replay_events(producer, movielens_events(ratings))
-        print(f"[warm start] {sent:,} MovieLens-100K ratings sent through the pipeline")
-        expected = {int(u): int(n) for u, n in ratings.groupby("user_id").size().items()}
-        wait_for_histories(FeatureStoreClient(settings), expected, timeout_s)
-        print(f"[warm start] {len(expected):,} users' histories online in Feast")
-        children.start("trainer", ["trainer", "--init-from", str(init_from)])
-        store = CheckpointRegistry(settings.registry_dir)
-        _wait(
-            lambda: all(store.latest_version(m) is not None for m in models),
-            timeout_s,
-            f"a first version of {', '.join(models)}",
-            children,
-        )
-        print(f"[trainer] pretrained versions published: {', '.join(models)}")
-        children.start("serve", ["serve"])
-        _wait(lambda: _service_ready(settings), timeout_s, "the service to be ready", children)
-        print(f"[serve] ready at http://{settings.serve_host}:{settings.serve_port}/docs")
-        children.start("dashboard", ["dashboard"])
-        print(f"[dashboard] http://127.0.0.1:{settings.dashboard_port}")
+        _warm_start(settings, warm_events, timeout_s)
+        _start_serving(settings, children, models, init_from, timeout_s)
         population = load_population(settings)
         print(f"[simulator] {population.num_users} users ({settings.sim_population} population)")
         traffic_start_ms = int(time.time() * 1000)
@@ -363,32 +423,7 @@ def run_demo(
         for line in trainer_freshness_lines(settings, models, traffic_start_ms, traffic_end_ms):
             print(line)
         children.stop(sink)  # it owns the chdb directory; the readout needs it
-        readout = experiment_readout(
-            settings,
-            scenario,
-            control="control",
-            notes=("Every arm's model trains on the pooled stream of all arms (DESIGN.md)."),
-        )
-        print("\n" + format_readout(readout))
-        print("\n== simulator ground truth (exact expectations over the served lists) ==")
-        for variant, arm in sorted(stats.variants.items()):
-            print(
-                f"{variant:>10}: requests {arm.requests:,}  observed CTR {arm.ctr:.4f}  "
-                f"expected CTR {arm.expected_ctr:.4f}  clusters consumed per clicking user "
-                f"{arm.mean_clusters_consumed(population):.2f}"
-            )
-        truth = read_ground_truth(settings.ground_truth_dir, scenario)
-        if truth is not None:
-            print("\nexpected CTR per minute (the simulation's ground truth):")
-            for point in truth.points:
-                minute = time.strftime("%H:%M", time.gmtime(point.minute_start_ms / 1000))
-                print(
-                    f"  {minute} {point.variant:>10}: {point.expected_ctr or 0:.4f} over "
-                    f"{point.requests} lists"
-                )
-        print("\n== the readout against the truth ==")
-        for line in truth_verdict(readout, truth, scenario):
-            print(line)
+        readout = _report(settings, scenario, stats, population)
         print(f"\n[demo] {time.monotonic() - started:.0f} s from the broker's start to the verdict")
         if keep_dashboard is None:
             keep_dashboard = sys.stdin.isatty()
@@ -401,6 +436,6 @@ def run_demo(
         return DemoResult(readout, stats)
     finally:
         children.stop_all()
-        if embedded:
+        if owned:
             broker.stop()
         print("[stopped] every process the demo started")

@@ -58,7 +58,7 @@ def test_demo_runs_the_loop_and_reads_out_both_arms(
     metrics = set(readout.table["metric"])  # type: ignore[attr-defined]
     assert {"ctr", "clicks_per_user", "conversion", "genres_consumed"} <= metrics
     text = format_readout(readout)  # type: ignore[arg-type]
-    for column in ("lift CI", "p_holm", "p_bh", "P(win)", "p_seq", "sample ratio"):
+    for column in ("CI (p scale)", "p_holm", "p_bh", "P(win)", "p_seq", "sample ratio"):
         assert column in text
     # The dashboard's snapshot was published by the sink while the demo ran, with the
     # simulator's ground truth per arm and minute; it agrees with the simulator's own totals.
