@@ -4,11 +4,9 @@
 the stream position: for each partition of the training topic, the next offset it has not yet
 learned from. :meth:`ModelTrainer.learn` takes records in offset order, skips those below that
 position (so a restart that re-reads a partition from an older offset trains on nothing twice),
-ranks each new sample before learning it (test-then-train metrics), and takes AdamW steps on the
-examples ``model.online`` cuts. The ranking is sampled: at most ``prequential_sample`` of a
-micro-batch's probes (seeded draw), each standing for ``probes / ranked`` of them, so the version's
-prequential metrics estimate the mean over every probe (a stratified estimate; exact when no
-micro-batch had more probes than that); the metadata states how many were ranked of how many.
+ranks each new sample before learning it (test-then-train metrics, sampled: see
+``model.trainer_metrics``), and takes AdamW steps on the examples ``model.online`` cuts; the
+metadata states how many probes were ranked of how many.
 :meth:`ModelTrainer.publish` writes weights, optimiser state, histories and stream position as
 one registry version; the caller commits the consumer offsets only after that, so a crash at any
 moment resumes from the last version and loses nothing.
@@ -21,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +39,14 @@ from model.checkpoint import (
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
 from model.online import (
     PROBE_BUCKET_WIDTH,
-    Example,
     StreamHistories,
     examples_for_step,
     grow_model,
     grow_optimizer_state,
     make_batch,
-    prequential_metrics,
 )
 from model.popularity import PopularityRecommender
+from model.trainer_metrics import PREQUENTIAL_SAMPLE, PendingMetrics, Probe, code_version
 from streaming.schema import TrainingSample
 
 __all__ = [
@@ -65,7 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DIGEST_MOD = 2**64
-PREQUENTIAL_SAMPLE = 32  # test-then-train probes ranked per micro-batch, at most
 
 
 @dataclass(frozen=True)
@@ -91,46 +86,6 @@ class TrainerOptions:
     prequential_sample: int | None = PREQUENTIAL_SAMPLE
     # Probe history lengths that share one ranking forward (None: the plain reference path).
     prequential_bucket: int | None = PROBE_BUCKET_WIDTH
-
-
-@dataclass
-class _Pending:
-    """What happened since the last published version (for its metadata)."""
-
-    losses: list[float] = field(default_factory=list)
-    ingest_ts_ms: list[int] = field(default_factory=list)
-    newest_event_ts_ms: int | None = None
-    prequential_sums: dict[str, float] = field(default_factory=dict)  # weighted by probes/ranked
-    prequential_count: int = 0  # probes ranked
-    prequential_probes: int = 0  # probes the ranked ones stand for
-    samples: int = 0
-
-
-# A sample's test-then-train probe, taken before the sample is applied: (user, the user's kept
-# history then, the sample's item). Turned into an Example only if the draw ranks it.
-_Probe = tuple[int, list[int], int]
-
-
-def code_version() -> str:
-    """The package version and, where the source is a git checkout, its commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        text = version("hymirec-platform")
-    except PackageNotFoundError:
-        text = "unknown"
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{text}+{sha}" if sha else text
 
 
 _CODE_VERSION = code_version()
@@ -168,7 +123,7 @@ class ModelTrainer:
         self.digest = 0
         self.steps = 0
         self.version: str | None = None
-        self.pending = _Pending()
+        self.pending = PendingMetrics()
         # Where the weights came from when not from scratch (an offline checkpoint), for the
         # version metadata; ``unpublished_start`` makes the first version publish at once.
         self.origin: dict[str, Any] | None = None
@@ -215,7 +170,7 @@ class ModelTrainer:
         largest = max(max(r.sample.item_id, *r.sample.recent_item_ids, 0) for r in fresh)
         if largest > self.catalog.num_items:
             self._grow(largest)
-        probe: list[_Probe] = []
+        probe: list[Probe] = []
         counts: dict[int, int] = {}
         new = 0
         for record in fresh:
@@ -248,32 +203,18 @@ class ModelTrainer:
         self._train(positions)
         return new
 
-    def _measure(self, probe: list[_Probe]) -> None:
+    def _measure(self, probe: list[Probe]) -> None:
         """Rank a seeded draw of at most ``prequential_sample`` probes (all when fewer)."""
-        if not probe:
-            return
-        chosen: list[int] | range = range(len(probe))
-        limit = self.options.prequential_sample
-        if limit is not None and len(probe) > limit:
-            rng = np.random.default_rng([self.options.seed, self.steps, 1])
-            chosen = sorted(rng.choice(len(probe), size=limit, replace=False).tolist())
-        examples = []
-        for i in chosen:
-            user, kept, item = probe[i]
-            history = np.asarray(kept, dtype=np.int64)
-            zero = np.zeros(1, dtype=np.int64)
-            target = np.array([item], dtype=np.int64)
-            examples.append(Example(user, history, np.zeros_like(history), target, zero))
-        scored = prequential_metrics(
-            self.model, examples, self.catalog.genres, self.device, self.options.prequential_bucket
+        self.pending.rank(
+            self.model,
+            probe,
+            self.catalog.genres,
+            self.device,
+            limit=self.options.prequential_sample,
+            bucket=self.options.prequential_bucket,
+            seed=self.options.seed,
+            step=self.steps,
         )
-        weight = len(probe) / scored.users  # each ranked probe stands for this many
-        sums = self.pending.prequential_sums
-        for key, value in scored.result().items():
-            if not key.startswith("coverage"):
-                sums[key] = sums.get(key, 0.0) + value * scored.users * weight
-        self.pending.prequential_count += scored.users
-        self.pending.prequential_probes += len(probe)
 
     def _train(self, positions: dict[int, tuple[int, int]]) -> None:
         if isinstance(self.model, PopularityRecommender):  # counts, no examples to cut
@@ -322,19 +263,9 @@ class ModelTrainer:
         return self.pending.samples > 0 or self.unpublished_start
 
     def metrics(self) -> dict[str, float]:
-        """Mean loss and test-then-train ranking metrics since the last version: each metric is
-        the estimated mean over every probe; ``prequential_examples`` probes were ranked of
-        ``prequential_sampled_from`` (equal when the metrics are exact)."""
-        out: dict[str, float] = {}
-        if self.pending.losses:
-            out["loss"] = float(np.mean(self.pending.losses))
-        count, probes = self.pending.prequential_count, self.pending.prequential_probes
-        if count:
-            for key, total in sorted(self.pending.prequential_sums.items()):
-                out[f"prequential_{key}"] = total / probes
-            out["prequential_examples"] = float(count)
-            out["prequential_sampled_from"] = float(probes)
-        return out
+        """Mean loss and test-then-train ranking metrics since the last version
+        (:meth:`PendingMetrics.metrics`)."""
+        return self.pending.metrics()
 
     def _write(self, folder: Path, topic: str) -> dict[str, Any]:
         now_ms = int(time.time() * 1000)
@@ -356,7 +287,6 @@ class ModelTrainer:
             },
             folder / "trainer_state.pt",
         )
-        ages = np.asarray([now_ms - ts for ts in self.pending.ingest_ts_ms], dtype=np.float64)
         newest_ingest = max(self.pending.ingest_ts_ms) if self.pending.ingest_ts_ms else None
         return {
             "topic": topic,
@@ -372,24 +302,9 @@ class ModelTrainer:
             "newest_event_ts_ms": self.pending.newest_event_ts_ms,
             "newest_ingest_ts_ms": newest_ingest,
             "newest_event_age_ms": now_ms - newest_ingest if newest_ingest is not None else None,
-            "freshness_ms": (
-                {
-                    "p50": float(np.percentile(ages, 50)),
-                    "p99": float(np.percentile(ages, 99)),
-                    "max": float(ages.max()),
-                }
-                if len(ages)
-                else None
-            ),
+            "freshness_ms": self.pending.freshness_ms(now_ms),
             "metrics": self.metrics(),
-            "prequential": {
-                # How big a sample the prequential metrics are: a reader sees an estimate.
-                "ranked": self.pending.prequential_count,
-                "probes": self.pending.prequential_probes,
-                "samples_learned": self.pending.samples,
-                "max_ranked_per_micro_batch": self.options.prequential_sample,
-                "exact": self.pending.prequential_count == self.pending.prequential_probes,
-            },
+            "prequential": self.pending.prequential_summary(self.options.prequential_sample),
             "config": self.config,
             "training": dataclasses.asdict(self.defaults),
             "options": dataclasses.asdict(self.options),
@@ -402,7 +317,7 @@ class ModelTrainer:
         """Write the current state as a new version; reset the per-version measurements."""
         published = store.publish(self.name, lambda folder: self._write(folder, topic), keep)
         self.version = published.version
-        self.pending = _Pending()
+        self.pending = PendingMetrics()
         self.unpublished_start = False
         return published
 

@@ -143,137 +143,169 @@ def ranking_threads(settings: Settings) -> int:
     return settings.serve_threads or min(settings.serve_max_inflight, len(os.sched_getaffinity(0)))
 
 
+class _Serving:
+    """What the routes share, kept on ``app.state.serving``: the service, the ranking threads and
+    the requests in progress (changed on the event loop only: no lock needed)."""
+
+    def __init__(self, service: RecommendationService, workers: int) -> None:
+        self.service = service
+        self.metrics = service.metrics
+        self.limit = service.settings.serve_max_inflight
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hymirec-serve")
+        self.inflight = 0
+
+    def overloaded(self) -> str:
+        return (
+            f"overloaded: {self.inflight} requests in progress (limit {self.limit}); retry shortly"
+        )
+
+    async def run(self, func: Any, *args: Any) -> Any:
+        """``func(*args)`` on the ranking threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+
+def _serving(app: FastAPI) -> _Serving:
+    serving: _Serving = app.state.serving
+    return serving
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    serving = _serving(app)
+    serving.service.start()
+    try:
+        yield
+    finally:
+        serving.service.close()
+        serving.executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    _serving(request.app).metrics.observe(None, None, 422, None)
+    return JSONResponse(_validation_detail(exc), status_code=422)
+
+
+async def _crashed(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s: %s", request.url.path, exc, exc_info=exc)
+    return JSONResponse({"detail": "internal error; see the service log"}, status_code=500)
+
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (404, "unknown experiment"),
+        (422, "invalid parameter"),
+        (503, "overloaded (Retry-After) or the feature store is unavailable"),
+    )
+}
+
+
+async def recommend(
+    request: Request,
+    user_id: UserIdParam,
+    k: KParam = DEFAULT_K,
+    experiment: ExperimentParam = None,
+) -> Response:
+    serving = _serving(request.app)
+    metrics = serving.metrics
+    started = time.perf_counter()
+    try:
+        _check_query(request)
+        if experiment is not None:
+            serving.service.check_experiment(experiment)
+    except HTTPException as exc:
+        metrics.observe(None, None, exc.status_code, None)
+        raise
+    except UnknownExperiment as exc:
+        metrics.observe(None, None, 404, None)
+        raise HTTPException(404, f"experiment: {exc}") from None
+    if serving.inflight >= serving.limit:  # most are shed earlier, by ShedEarly
+        metrics.shed()
+        metrics.observe(None, None, 503, None)
+        raise HTTPException(503, serving.overloaded(), headers={"Retry-After": str(RETRY_AFTER_S)})
+    serving.inflight += 1
+    metrics.inflight(+1)
+    try:
+        result = await serving.run(serving.service.recommend, user_id, k, experiment, started)
+    except FeatureStoreError as exc:
+        metrics.observe(None, None, 503, None)
+        raise HTTPException(
+            503, f"feature store unavailable: {exc}", headers={"Retry-After": "5"}
+        ) from None
+    finally:
+        serving.inflight -= 1
+        metrics.inflight(-1)
+    metrics.observe(result.experiment, result.variant, 200, time.perf_counter() - started)
+    # Serialised here: a Response is sent as it is, where a model would be validated again
+    # against ``response_model`` (which still documents the schema).
+    body = RecommendResponse(**vars(result)).model_dump_json()
+    return Response(body, media_type="application/json")
+
+
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+async def ready(request: Request) -> JSONResponse:
+    serving = _serving(request.app)
+    ok, checks = await serving.run(serving.service.readiness)
+    return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+
+async def status(request: Request) -> dict[str, Any]:
+    return _serving(request.app).service.status()
+
+
+async def prometheus(request: Request) -> Response:
+    return Response(_serving(request.app).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class ShedEarly:
+    """Pure ASGI: a /recommend request beyond the limit gets its 503 before FastAPI parses,
+    validates or routes it, so that shedding stays cheap when the event loop is saturated."""
+
+    def __init__(self, inner: Any, serving: _Serving) -> None:
+        self.inner = inner
+        self.serving = serving
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        serving = self.serving
+        if (
+            scope["type"] != "http"
+            or scope["path"] != "/recommend"
+            or serving.inflight < serving.limit
+        ):
+            await self.inner(scope, receive, send)
+            return
+        serving.metrics.shed()
+        serving.metrics.observe(None, None, 503, None)
+        body = json.dumps({"detail": serving.overloaded()}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(RETRY_AFTER_S).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(service: RecommendationService, workers: int | None = None) -> FastAPI:
     """The ASGI app over a built service; its lifespan starts registry polling and, at
     shutdown, stops it and flushes the exposure producer."""
-    settings = service.settings
-    metrics = service.metrics
-    limit = settings.serve_max_inflight
-    executor = ThreadPoolExecutor(
-        max_workers=workers or ranking_threads(settings), thread_name_prefix="hymirec-serve"
-    )
-    inflight = 0  # changed on the event loop only: no lock needed
-
-    def overloaded() -> str:
-        return f"overloaded: {inflight} requests in progress (limit {limit}); retry shortly"
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        service.start()
-        try:
-            yield
-        finally:
-            service.close()
-            executor.shutdown(wait=True, cancel_futures=True)
-
+    serving = _Serving(service, workers or ranking_threads(service.settings))
     app = FastAPI(
         title="hymirec recommendation service",
         version="1",
         description=__doc__,
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.observe(None, None, 422, None)
-        return JSONResponse(_validation_detail(exc), status_code=422)
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s: %s", request.url.path, exc, exc_info=exc)
-        return JSONResponse({"detail": "internal error; see the service log"}, status_code=500)
-
-    async def run(func: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(executor, func, *args)
-
-    error_responses: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse, "description": text}
-        for code, text in (
-            (404, "unknown experiment"),
-            (422, "invalid parameter"),
-            (503, "overloaded (Retry-After) or the feature store is unavailable"),
-        )
-    }
-
-    @app.get("/recommend", response_model=RecommendResponse, responses=error_responses)
-    async def recommend(
-        request: Request,
-        user_id: UserIdParam,
-        k: KParam = DEFAULT_K,
-        experiment: ExperimentParam = None,
-    ) -> Response:
-        nonlocal inflight
-        started = time.perf_counter()
-        try:
-            _check_query(request)
-            if experiment is not None:
-                service.check_experiment(experiment)
-        except HTTPException as exc:
-            metrics.observe(None, None, exc.status_code, None)
-            raise
-        except UnknownExperiment as exc:
-            metrics.observe(None, None, 404, None)
-            raise HTTPException(404, f"experiment: {exc}") from None
-        if inflight >= limit:  # most are shed earlier, by the middleware below
-            metrics.shed()
-            metrics.observe(None, None, 503, None)
-            raise HTTPException(503, overloaded(), headers={"Retry-After": str(RETRY_AFTER_S)})
-        inflight += 1
-        metrics.inflight(+1)
-        try:
-            result = await run(service.recommend, user_id, k, experiment, started)
-        except FeatureStoreError as exc:
-            metrics.observe(None, None, 503, None)
-            raise HTTPException(
-                503, f"feature store unavailable: {exc}", headers={"Retry-After": "5"}
-            ) from None
-        finally:
-            inflight -= 1
-            metrics.inflight(-1)
-        metrics.observe(result.experiment, result.variant, 200, time.perf_counter() - started)
-        # Serialised here: a Response is sent as it is, where a model would be validated again
-        # against ``response_model`` (which still documents the schema).
-        body = RecommendResponse(**vars(result)).model_dump_json()
-        return Response(body, media_type="application/json")
-
-    @app.get("/health/live")
-    async def live() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @app.get("/health/ready")
-    async def ready() -> JSONResponse:
-        ok, checks = await run(service.readiness)
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
-
-    @app.get("/status")
-    async def status() -> dict[str, Any]:
-        return service.status()
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    class ShedEarly:
-        """Pure ASGI: a /recommend request beyond the limit gets its 503 before FastAPI parses,
-        validates or routes it, so that shedding stays cheap when the event loop is saturated."""
-
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http" or scope["path"] != "/recommend" or inflight < limit:
-                await self.inner(scope, receive, send)
-                return
-            metrics.shed()
-            metrics.observe(None, None, 503, None)
-            body = json.dumps({"detail": overloaded()}).encode()
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(RETRY_AFTER_S).encode()),
-            ]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-    app.add_middleware(ShedEarly)
+    app.state.serving = serving
+    app.exception_handler(RequestValidationError)(_invalid)
+    app.exception_handler(Exception)(_crashed)
+    app.get("/recommend", response_model=RecommendResponse, responses=_ERROR_RESPONSES)(recommend)
+    app.get("/health/live")(live)
+    app.get("/health/ready")(ready)
+    app.get("/status")(status)
+    app.get("/metrics")(prometheus)
+    app.add_middleware(ShedEarly, serving=serving)
     return app
