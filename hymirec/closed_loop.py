@@ -268,6 +268,26 @@ def _check(arms: Mapping[str, LoadedModel], control: str, requests: int, k: int)
         raise ConfigError(f"requests and k must be >= 1; got requests={requests}, k={k}")
 
 
+def _closed_loop_readout(
+    metrics: ExperimentMetrics,
+    control: str,
+    variants: tuple[str, ...],
+    alpha: float,
+    seed: int,
+    requests: int,
+) -> Readout:
+    return readout_from_metrics(
+        metrics,
+        control,
+        {v: 1.0 for v in variants},
+        alpha,
+        notes=(
+            f"closed-loop simulation, seed {seed}, {requests} requests: models fixed (no online "
+            "learning), no HTTP, broker, Feast or ClickHouse"
+        ),
+    )
+
+
 def run_closed_loop(
     population: SimulatedPopulation,
     arms: Mapping[str, LoadedModel],
@@ -323,16 +343,6 @@ def run_closed_loop(
         plays[r] = sum(o.played for o in outcomes)
         _record(state, arrival.t_s, outcomes, catalog, long_len)
     metrics = _user_metrics(states, user_ids, arm_of_user, variants)
-    readout = readout_from_metrics(
-        metrics,
-        control,
-        {v: 1.0 for v in variants},
-        alpha,
-        notes=(
-            f"closed-loop simulation, seed {seed}, {requests} requests: models fixed (no online "
-            "learning), no HTTP, broker, Feast or ClickHouse"
-        ),
-    )
     result = ClosedLoopResult(
         seed=seed,
         control=control,
@@ -345,7 +355,7 @@ def run_closed_loop(
         plays=plays,
         expected_ctr=expected,
         metrics=metrics,
-        readout=readout,
+        readout=_closed_loop_readout(metrics, control, variants, alpha, seed, requests),
         lifts={},
         elapsed_s=0.0,
     )
