@@ -244,7 +244,9 @@ class UserHistoryWorker:
         for sample in outcome.samples:
             key, value = str(sample.user_id).encode(), sample.model_dump_json().encode()
             acks.append(await faust_compat.send_record(app, topic, key, value))
-        await asyncio.gather(push, *acks)
+        for ack in acks:  # in send order: most are done by the time the first is
+            await ack
+        await push
         self.counters.samples += len(outcome.samples)
 
     async def _persist(self, outcome: BatchOutcome) -> None:
@@ -259,7 +261,8 @@ class UserHistoryWorker:
             acks.append(
                 await faust_compat.write_table(table, partition, _position_key(partition), record)
             )
-        await asyncio.gather(*acks)
+        for ack in acks:
+            await ack
         topic = self.settings.events_topic
         offsets = {TP(topic, p): offset + 1 for p, offset in outcome.positions.items()}
         await faust_compat.commit_offsets(self.app, offsets)
