@@ -31,11 +31,8 @@ import itertools
 import logging
 import os
 import random
-import resource
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +46,7 @@ from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.data import SequenceData, Split, evaluation_batches, training_batches
 from model.evaluate import RankingAccumulator
 from model.interest_merge import Merge
+from model.peak_memory import PeakMemory
 from model.popularity import PopularityRecommender
 
 __all__ = [
@@ -115,53 +113,6 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = was_cudnn
 
 
-class _PeakMemory:
-    """Peak memory while the block runs: CUDA allocator peak, or sampled process RSS growth."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes = 0
-        self.method = ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start_rss = 0
-
-    @staticmethod
-    def _rss_bytes() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak_bytes = max(self.peak_bytes, self._rss_bytes() - self._start_rss)
-
-    def __enter__(self) -> _PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "torch.cuda.max_memory_allocated"
-        elif os.path.exists("/proc/self/statm"):
-            self._start_rss = self._rss_bytes()
-            self.method = "RSS increase over start, sampled /proc/self/statm every 20 ms"
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        else:
-            self._start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.method = "resource.getrusage peak RSS increase (high-water mark)"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, self._rss_bytes() - self._start_rss)
-        else:
-            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.peak_bytes = (peak - self._start_rss) * scale
-
-
 @torch.no_grad()
 def evaluate_model(
     model: SequentialRecommender,
@@ -205,6 +156,131 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 
 @deterministic_algorithms()
+def _build(
+    name: str, catalog: CatalogInfo, max_len: int, overrides: dict[str, Any] | None
+) -> tuple[Any, SequentialRecommender]:
+    """The model's Config and the model (a Config with ``max_len`` gets the harness's unless
+    ``overrides`` sets it)."""
+    values = dict(overrides or {})
+    if "max_len" in {f.name for f in dataclasses.fields(registry.make_config(name))}:
+        values.setdefault("max_len", max_len)
+    return registry.make_config(name, **values), registry.build(name, catalog, **values)
+
+
+def _options(
+    defaults: registry.TrainingDefaults,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    patience: int,
+    max_len: int,
+    window: int,
+) -> dict[str, Any]:
+    """The run's options as its result and checkpoint record them."""
+    return {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "patience": patience,
+        "max_len": max_len,
+        "target_window": window,
+        "cut": defaults.cut,
+        "samples_per_user": defaults.samples_per_user,
+        "selection": SELECTION_METRIC,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic": True,
+    }
+
+
+def _train_epoch(
+    model: SequentialRecommender,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    device: torch.device,
+) -> tuple[list[float], int]:
+    """One pass over ``batches``: each batch's loss and the number of samples trained on."""
+    model.train()
+    losses, samples = [], 0
+    for batch in batches:
+        batch = batch.to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        samples += int(batch.history.shape[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before timing
+    return losses, samples
+
+
+@dataclass(frozen=True)
+class _FitOptions:
+    epochs: int
+    patience: int
+    lr: float
+    weight_decay: float
+    device: torch.device
+    label: str  # for the log: "<model> seed <seed>"
+
+
+@dataclass
+class _Fit:
+    """The best validation metrics, their epoch and weights, and what training took."""
+
+    best: dict[str, float]
+    best_epoch: int
+    best_state: dict[str, Any]
+    history: list[dict[str, float]]
+    epochs_run: int = 0
+    step_time_s: float = 0.0
+    samples: int = 0
+
+
+def _fit(
+    model: SequentialRecommender,
+    validate: Callable[[], dict[str, float]],
+    batches: Callable[[], Iterable[Batch]],
+    options: _FitOptions,
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None,
+) -> _Fit:
+    """Train epoch after epoch, validating after each, until ``patience`` epochs bring no better
+    validation NDCG@10 (or ``epochs`` ran); keep the best epoch's weights."""
+    best = validate()
+    fit = _Fit(
+        best,
+        0,
+        copy.deepcopy(model.state_dict()),
+        [{"epoch": 0.0, "loss": float("nan"), SELECTION_METRIC: best[SELECTION_METRIC]}],
+    )
+    if not options.epochs:
+        return fit
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=options.lr, weight_decay=options.weight_decay
+    )
+    for epoch in range(1, options.epochs + 1):
+        tick = time.perf_counter()
+        losses, seen = _train_epoch(model, optimizer, batches(), options.device)
+        fit.samples += seen
+        fit.step_time_s += time.perf_counter() - tick
+        fit.epochs_run = epoch
+        metrics = validate()
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        fit.history.append({"epoch": float(epoch), "loss": mean_loss, **metrics})
+        if on_epoch is not None:
+            on_epoch(epoch, options.epochs, fit.history[-1])
+        log.info("%s epoch %d: loss %.4f", options.label, epoch, mean_loss)
+        if metrics[SELECTION_METRIC] > fit.best[SELECTION_METRIC]:
+            fit.best, fit.best_epoch = metrics, epoch
+            fit.best_state = copy.deepcopy(model.state_dict())
+        elif epoch - fit.best_epoch >= options.patience:
+            break
+    return fit
+
+
 def train_and_evaluate(
     name: str,
     catalog: CatalogInfo,
@@ -237,88 +313,31 @@ def train_and_evaluate(
     defaults = registry.training_defaults(name)
     max_len = max_len or defaults.max_len
     window = target_window or defaults.target_window
-    config_values = dict(overrides or {})
     _seed_everything(seed)
-    if "max_len" in {f.name for f in dataclasses.fields(registry.make_config(name))}:
-        config_values.setdefault("max_len", max_len)
-    config = registry.make_config(name, **config_values)
-    model = registry.build(name, catalog, **config_values).to(chosen)
+    config, model = _build(name, catalog, max_len, overrides)
+    model = model.to(chosen)
     rng = np.random.default_rng(seed)
-    options = {
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "patience": patience,
-        "max_len": max_len,
-        "target_window": window,
-        "cut": defaults.cut,
-        "samples_per_user": defaults.samples_per_user,
-        "selection": SELECTION_METRIC,
-        "torch_threads": torch.get_num_threads(),
-        "deterministic": True,
-    }
+    options = _options(defaults, epochs, batch_size, lr, weight_decay, patience, max_len, window)
 
     def validate() -> dict[str, float]:
         return evaluate_model(model, data, catalog.genres, "valid", max_len, device=chosen)
 
-    history: list[dict[str, float]] = []
-    step_time_s, samples = 0.0, 0
-    with _PeakMemory(chosen) as memory:
+    with PeakMemory(chosen) as memory:
         start = time.perf_counter()
         if isinstance(model, PopularityRecommender):
             model.fit(torch.from_numpy(data.training_item_counts()).float())
             epochs = 0
-        best = validate()
-        best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
-        history.append(
-            {"epoch": 0.0, "loss": float("nan"), SELECTION_METRIC: best[SELECTION_METRIC]}
-        )
-        optimizer = (
-            torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-            if epochs
-            else None
-        )
-        epoch = 0
-        for epoch in range(1, epochs + 1):
-            assert optimizer is not None
-            model.train()
-            losses = []
-            tick = time.perf_counter()
-            batches = training_batches(
+        fit = _fit(
+            model,
+            validate,
+            lambda: training_batches(
                 data, max_len, batch_size, rng, window, defaults.cut, defaults.samples_per_user
-            )
-            for batch in batches:
-                batch = batch.to(chosen)
-                with torch.autocast(chosen.type, torch.bfloat16, enabled=chosen.type == "cuda"):
-                    loss = model.loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                samples += int(batch.history.shape[0])
-            if chosen.type == "cuda":
-                torch.cuda.synchronize(chosen)  # kernels run asynchronously: wait before timing
-            step_time_s += time.perf_counter() - tick
-            metrics = validate()
-            mean_loss = float(np.mean(losses)) if losses else float("nan")
-            history.append({"epoch": float(epoch), "loss": mean_loss, **metrics})
-            if on_epoch is not None:
-                on_epoch(epoch, epochs, history[-1])
-            log.info(
-                "%s seed %d epoch %d: loss %.4f valid ndcg@10 %.4f",
-                name,
-                seed,
-                epoch,
-                mean_loss,
-                metrics[SELECTION_METRIC],
-            )
-            if metrics[SELECTION_METRIC] > best[SELECTION_METRIC]:
-                best, best_epoch, best_state = metrics, epoch, copy.deepcopy(model.state_dict())
-            elif epoch - best_epoch >= patience:
-                break
+            ),
+            _FitOptions(epochs, patience, lr, weight_decay, chosen, f"{name} seed {seed}"),
+            on_epoch,
+        )
         train_time_s = time.perf_counter() - start
-    model.load_state_dict(best_state)
+    model.load_state_dict(fit.best_state)
     test = evaluate_model(model, data, catalog.genres, "test", max_len, device=chosen)
     return RunResult(
         name=name,
@@ -326,16 +345,16 @@ def train_and_evaluate(
         model=model,
         config=_config_dict(config),
         options=options,
-        valid=best,
+        valid=fit.best,
         test=test,
-        best_epoch=best_epoch,
-        epochs_run=epoch,
+        best_epoch=fit.best_epoch,
+        epochs_run=fit.epochs_run,
         train_time_s=train_time_s,
-        samples_per_s=samples / step_time_s if step_time_s > 0 else 0.0,
+        samples_per_s=fit.samples / fit.step_time_s if fit.step_time_s > 0 else 0.0,
         peak_memory_mb=memory.peak_bytes / 2**20,
         memory_method=memory.method,
         device=str(chosen),
-        history=history,
+        history=fit.history,
     )
 
 
