@@ -38,13 +38,23 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(None, description="Derived-data cache; default <data_dir>/cache")
 
     # Event log (Kafka protocol).
-    broker_host: str = "127.0.0.1"
+    broker_host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
     broker_port: int = Field(19092, ge=1, le=65535, description="Port of the embedded broker.")
     kafka_bootstrap: str = Field("", description="host:port list; empty means the embedded broker.")
-    events_topic: str = "events"
-    dead_letter_topic: str = "events-dead-letter"
-    training_topic: str = "training-samples"
-    topic_partitions: int = Field(4, ge=1, le=256)
+    events_topic: str = Field(
+        "events", description="Topic of impressions, clicks and plays (keyed by user)."
+    )
+    dead_letter_topic: str = Field(
+        "events-dead-letter",
+        description="Topic of records the worker or trainer could not use, with the reason.",
+    )
+    training_topic: str = Field(
+        "training-samples",
+        description="Topic of training samples the worker writes for the trainer.",
+    )
+    topic_partitions: int = Field(
+        4, ge=1, le=256, description="Partitions of each topic the project creates."
+    )
     max_event_bytes: int = Field(
         64 * 1024, ge=1024, description="Larger payloads are dead-lettered."
     )
@@ -64,17 +74,34 @@ class Settings(BaseSettings):
     )
 
     # Stream processing.
-    faust_app_id: str = "hymirec-features"
-    worker_web_port: int = Field(6066, ge=1, le=65535)
-    stream_batch_size: int = Field(1000, ge=1, le=100_000)
-    stream_batch_window_s: float = Field(0.2, gt=0, le=60)
+    faust_app_id: str = Field(
+        "hymirec-features",
+        description="Faust app id of the stream worker: its consumer group and table names.",
+    )
+    worker_web_port: int = Field(
+        6066, ge=1, le=65535, description="Port of the Faust worker's web server (its health page)."
+    )
+    stream_batch_size: int = Field(
+        1000, ge=1, le=100_000, description="Most events the worker applies in one batch."
+    )
+    stream_batch_window_s: float = Field(
+        0.2,
+        gt=0,
+        le=60,
+        description="Not used since the worker takes what is waiting; kept for old environments.",
+    )
     worker_instance_id: str = Field(
         "worker-0", min_length=1, max_length=100, description="Stable, unique per worker replica"
     )
     worker_push_attempts: int = Field(
         5, ge=1, le=100, description="Feast push attempts per batch before the worker exits"
     )
-    worker_session_timeout_s: float = Field(10.0, ge=2, le=300)
+    worker_session_timeout_s: float = Field(
+        10.0,
+        ge=2,
+        le=300,
+        description="Kafka group session timeout of the worker (heartbeat: a fifth of it).",
+    )
     worker_fault_drop: str = Field(
         "",
         pattern=r"^([0-9]{1,6}:[0-9]{1,18}-[0-9]{1,18}(,[0-9]{1,6}:[0-9]{1,18}-[0-9]{1,18})*)?$",
@@ -82,21 +109,36 @@ class Settings(BaseSettings):
         "offsets A..B of events partition P the first time they are delivered, as if the "
         "consumer had skipped them. Empty (no fault) by default.",
     )
-    worker_max_poll_interval_s: float = Field(120.0, ge=10, le=3600)
+    worker_max_poll_interval_s: float = Field(
+        120.0,
+        ge=10,
+        le=3600,
+        description="Longest the worker may take between two polls before it leaves its group.",
+    )
 
     # User history features.
     recent_len: int = Field(50, ge=1, le=10_000, description="R: recent item ids kept verbatim.")
     long_len: int = Field(1000, ge=1, le=100_000, description="P: long history, kept as codes.")
 
     # Residual cosine codebook and item text embeddings.
-    codebook_levels: int = Field(3, ge=1, le=16)
+    codebook_levels: int = Field(
+        3, ge=1, le=16, description="Residual levels of the long-history codebook (bytes per item)."
+    )
     codebook_size: int = Field(255, ge=2, le=65_535, description="255 keeps codes in one byte")
-    codebook_seed: int = 0
-    embedding_batch_size: int = Field(128, ge=1)
+    codebook_seed: int = Field(0, description="Seed of the codebook's k-means fit.")
+    embedding_batch_size: int = Field(
+        128, ge=1, description="Item texts encoded per batch by the text embedding model."
+    )
 
     # Feature store: a feature_store.yaml whose ${HYMIREC_*} placeholders are filled from here.
-    feast_config: Path = FEATURE_REPO_DIR / "feature_store.yaml"
-    redis_url: str = "localhost:6379"
+    feast_config: Path = Field(
+        FEATURE_REPO_DIR / "feature_store.yaml",
+        description="Feast feature_store.yaml (the embedded one; docker/ has the Redis one).",
+    )
+    redis_url: str = Field(
+        "localhost:6379",
+        description="Redis host:port for Feast's online store in the production yaml.",
+    )
 
     # Analytics.
     clickhouse_dsn: str = Field("", description="empty means chdb:///<data_dir>/clickhouse")
@@ -124,20 +166,37 @@ class Settings(BaseSettings):
     trainer_models: str = Field(
         "", description="Comma-separated model names; empty means the models the experiments serve."
     )
-    trainer_group_id: str = Field("hymirec-trainer", min_length=1)
+    trainer_group_id: str = Field(
+        "hymirec-trainer", min_length=1, description="Kafka consumer group of the online trainer."
+    )
     trainer_batch_size: int = Field(256, ge=1, le=100_000, description="Samples per micro-batch.")
     trainer_replay_ratio: float = Field(
         1.0, ge=0, le=64, description="Replayed examples per new example in a training step."
     )
-    trainer_publish_every_samples: int = Field(5000, ge=1)
-    trainer_publish_every_s: float = Field(30.0, gt=0, le=86_400)
+    trainer_publish_every_samples: int = Field(
+        5000, ge=1, description="The trainer publishes a version after this many new samples..."
+    )
+    trainer_publish_every_s: float = Field(
+        30.0,
+        gt=0,
+        le=86_400,
+        description="...or after this many seconds with new samples, whichever comes first.",
+    )
     trainer_keep_versions: int = Field(5, ge=2, le=10_000, description="Versions kept per model.")
-    trainer_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    trainer_lr: float = Field(1e-3, gt=0, le=1)
+    trainer_device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when there is a GPU), cpu, cuda or cuda:N.",
+    )
+    trainer_lr: float = Field(
+        1e-3, gt=0, le=1, description="Learning rate of the online trainer's optimiser."
+    )
     trainer_threads: int = Field(
         0, ge=0, le=1024, description="Torch threads of the trainer; 0: one per usable CPU."
     )
-    trainer_seed: int = 0
+    trainer_seed: int = Field(
+        0, description="Seed of the online trainer (replay sampling, prequential probes)."
+    )
     trainer_max_item_id: int = Field(
         1_000_000, ge=1, description="Larger item ids are refused (they would grow the tables)."
     )
@@ -146,8 +205,10 @@ class Settings(BaseSettings):
     experiments_file: Path = Field(
         EXPERIMENTS_FILE, description="YAML file with the experiments, layers and holdout."
     )
-    serve_host: str = "127.0.0.1"
-    serve_port: int = Field(8000, ge=1, le=65535)
+    serve_host: str = Field(
+        "127.0.0.1", description="Address the recommendation service listens on."
+    )
+    serve_port: int = Field(8000, ge=1, le=65535, description="Port of the recommendation service.")
     serve_max_inflight: int = Field(
         8,
         ge=1,
@@ -163,7 +224,12 @@ class Settings(BaseSettings):
         "service may run on. Ranking is CPU-bound: more threads than CPUs only share them, so "
         "every request in progress finishes late.",
     )
-    serve_registry_poll_s: float = Field(2.0, gt=0, le=3600)
+    serve_registry_poll_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="How often the service looks for new model versions (hot swap).",
+    )
 
     # Closed-loop simulator.
     sim_population: Literal["movielens", "text-clusters"] = Field(
@@ -178,14 +244,21 @@ class Settings(BaseSettings):
     sim_rate_per_s: float = Field(20.0, gt=0, le=100_000, description="Requests per second.")
     sim_interests: int = Field(3, ge=1, le=32, description="Latent interests per user.")
     sim_drift: float = Field(0.05, ge=0, le=1, description="Interest drift per simulated hour.")
-    sim_seed: int = 0
+    sim_seed: int = Field(0, description="Seed of the simulated users' choices.")
 
     # Dashboard and the readout snapshots it reads.
     dashboard_host: str = Field(
         "127.0.0.1", description="Streamlit's bind address; 0.0.0.0 in a container."
     )
-    dashboard_port: int = Field(8501, ge=1, le=65535)
-    readout_publish_s: float = Field(10.0, gt=0, le=86_400)
+    dashboard_port: int = Field(
+        8501, ge=1, le=65535, description="Port of the Streamlit dashboard."
+    )
+    readout_publish_s: float = Field(
+        10.0,
+        gt=0,
+        le=86_400,
+        description="How often the readout publisher writes the dashboard's snapshots.",
+    )
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:
