@@ -84,12 +84,6 @@ class Settings(BaseSettings):
     stream_batch_size: int = Field(
         1000, ge=1, le=100_000, description="Most events the worker applies in one batch."
     )
-    stream_batch_window_s: float = Field(
-        0.2,
-        gt=0,
-        le=60,
-        description="Not used since the worker takes what is waiting; kept for old environments.",
-    )
     worker_instance_id: str = Field(
         "worker-0", min_length=1, max_length=100, description="Stable, unique per worker replica"
     )
@@ -339,8 +333,17 @@ def unknown_environment(environ: Mapping[str, str]) -> list[str]:
     )
 
 
+# Settings that were removed, and why: naming one is refused with this reason.
+RETIRED = {
+    "stream_batch_window_s": "removed: the stream worker takes the records that are waiting "
+    "(no batch window)",
+}
+
+
 def _did_you_mean(name: str) -> str:
     field = name[len(ENV_PREFIX) :].lower()
+    if field in RETIRED:
+        return f"{name} ({RETIRED[field]})"
     if isinstance(getattr(Settings, field, None), property):
         return f"{name} (derived from other settings, so not settable)"
     close = difflib.get_close_matches(field, list(Settings.model_fields), n=1, cutoff=0.6)
@@ -359,7 +362,7 @@ def load_settings(**overrides: Any) -> Settings:
     if unknown:
         raise ConfigError(
             f"unknown settings in the environment: {', '.join(map(_did_you_mean, unknown))}; "
-            "fix or unset them (the settings are the fields of hymirec/settings.py)"
+            "fix or unset them (the settings: core/settings.py, or the table in the README)"
         )
     try:
         return Settings(**overrides)

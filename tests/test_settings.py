@@ -32,6 +32,7 @@ def test_embedded_defaults_are_derived_from_the_broker_port_and_data_dir(tmp_pat
             r"HYMIREC_KAFKA_BOOTSTRAPP \(did you mean HYMIREC_KAFKA_BOOTSTRAP\?\)",
         ),
         ("hymirec_dashbaord_port", "80", r"hymirec_dashbaord_port \(did you mean "),
+        ("HYMIREC_STREAM_BATCH_WINDOW_S", "0.2", r"_WINDOW_S \(removed: the stream worker takes"),
     ],
 )
 def test_bad_settings_name_the_variable(
