@@ -118,6 +118,19 @@ def _send_one(settings: Settings, value: bytes) -> None:
         producer.send_raw(b"k", value)
 
 
+def _one_ring(consumer: KafkaConsumer, settings: Settings, value: bytes) -> float:
+    """Seconds until ``value``, sent while ``consumer`` is in a pause of the whole cap, arrives."""
+    # Skip the doubling: the next empty fetch pauses the whole cap (a minute).
+    fetch_backoff._kp_backoffs[consumer._fetcher].pause_s = LONG_CAP_MS / 1000
+    consumer.poll(timeout_ms=500)  # now in that pause
+    threading.Timer(0.2, _send_one, (settings, value)).start()
+    started, got = time.monotonic(), list[bytes]()
+    while not got and time.monotonic() - started < 2 * DEADLINE_S:
+        got = [r.value for rs in consumer.poll(timeout_ms=LONG_CAP_MS).values() for r in rs]
+    assert got == [value]
+    return time.monotonic() - started
+
+
 @pytest.mark.integration
 def test_an_idle_kafka_python_consumer_wakes_on_the_producers_ring(
     make_settings: Callable[..., Settings],
@@ -140,15 +153,11 @@ def test_an_idle_kafka_python_consumer_wakes_on_the_producers_ring(
         while not consumer.assignment():  # joined; its empty fetches have reached long pauses
             assert time.monotonic() < deadline, "never assigned"
             consumer.poll(timeout_ms=100)
-        # Skip the doubling: the next empty fetch pauses the whole cap (a minute).
-        fetch_backoff._kp_backoffs[consumer._fetcher].pause_s = LONG_CAP_MS / 1000
-        consumer.poll(timeout_ms=500)  # now in that pause
-        threading.Timer(0.2, _send_one, (settings, b"rang")).start()
-        started, got = time.monotonic(), []
-        while not got and time.monotonic() - started < DEADLINE_S:
-            got = [r.value for rs in consumer.poll(timeout_ms=LONG_CAP_MS).values() for r in rs]
-        assert got == [b"rang"]
-        assert time.monotonic() - started < DEADLINE_S
+        # Two tries: kafka-python resolves a new assignment's position in the background, and
+        # a record produced before that may be fetched by a fetch already in flight; a second
+        # try starts from a settled consumer. Without the doorbell both miss the deadline.
+        waits = [_one_ring(consumer, settings, f"rang {attempt}".encode()) for attempt in (1, 2)]
+        assert min(waits) < DEADLINE_S, waits
     finally:
         consumer.close()
 
