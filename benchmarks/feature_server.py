@@ -73,6 +73,15 @@ def prepare(data_dir: Path) -> tuple[Settings, list[int]]:
     return settings, sorted(histories)
 
 
+def _safely(read: Callable[[int], bool], user: int) -> bool:
+    """One read; an exception (a connection reset, a timeout) is a failure, counted, not a
+    thread that dies and leaves its reads out of the figures."""
+    try:
+        return read(user)
+    except Exception:
+        return False
+
+
 def timed(
     make_reader: Callable[[], Callable[[int], bool]], users: list[int], concurrency: int, n: int
 ) -> tuple[np.ndarray, float, int]:
@@ -87,14 +96,14 @@ def timed(
         nonlocal failures
         read = make_reader()
         for _ in range(20):  # warm this thread's connection and caches
-            read(users[0])
+            _safely(read, users[0])
         while True:
             with lock:
                 i = next(counter, None)
             if i is None:
                 return
             start = time.perf_counter()
-            ok = read(users[i % len(users)])
+            ok = _safely(read, users[i % len(users)])
             elapsed = (time.perf_counter() - start) * 1000
             with lock:
                 latencies.append(elapsed)
