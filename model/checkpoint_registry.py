@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import DataError, TrainerError
+from core.process import pid_alive
 
 __all__ = ["REGISTRY_FORMAT", "CheckpointRegistry", "PublishedVersion"]
 
@@ -66,16 +67,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CheckpointRegistry:
@@ -223,7 +214,7 @@ class CheckpointRegistry:
                 continue
             parts = item.name.split("-")
             pid = next((int(p) for p in parts[2:3] if p.isdigit()), None)
-            if pid is None or pid == os.getpid() or not _pid_alive(pid):
+            if pid is None or pid == os.getpid() or not pid_alive(pid):
                 if item.is_dir():
                     shutil.rmtree(item, ignore_errors=True)
                 else:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import BrokerError
+from core.process import pid_alive
 
 __all__ = ["BrokerStatus", "LocalBroker"]
 
@@ -47,12 +48,9 @@ def _broker_binary() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """Our broker process is running: alive, a noida-db, not a zombie."""
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a reaped pid may be reused: check it is still our broker
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

@@ -32,6 +32,8 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.process import pid_alive
+
 __all__ = ["RING_INTERVAL_S", "DoorbellListener", "doorbell_dir", "register_ringer", "ring"]
 
 RING_INTERVAL_S = 0.005
@@ -48,21 +50,11 @@ def doorbell_dir(bootstrap: str | Sequence[str]) -> Path:
     return Path(tempfile.gettempdir()) / "hymirec-doorbell" / name
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead(directory: Path) -> None:
     """Port files of processes that are gone (a SIGKILL leaves its file behind)."""
     for entry in os.scandir(directory):
         pid = entry.name.split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
 
