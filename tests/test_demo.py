@@ -79,4 +79,5 @@ def test_demo_runs_the_loop_and_reads_out_both_arms(
     assert "true lift" in printed and "verdict: the truth favours" in printed
     # Whether the trainer kept up, minute by minute of the 45 s of traffic (one minute).
     assert "[trainer] minute 1 (" in printed
-    assert "kept up with the stream (" in printed
+    # the verdict depends on the machine's speed, so either is fine; that it is printed is not
+    assert "kept up with the stream (" in printed or "did NOT keep up with the stream (" in printed
