@@ -51,5 +51,5 @@ if [ "${1:-}" = "--dev" ]; then
     fi
   fi
 fi
-.venv/bin/python -c "import features, streaming, hymirec; from hymirec.movielens import movielens_dir; movielens_dir()"
+.venv/bin/python -c "import core, features, streaming, model, abtest, serving, hymirec; from core.movielens import movielens_dir; movielens_dir()"
 echo "setup: done (.venv ready; run .venv/bin/hymirec --help)"
