@@ -50,7 +50,7 @@ from pydantic import (
 )
 
 from core.errors import ExperimentConfigError
-from model.registry import MODEL_NAMES
+from model.zoo import MODEL_NAMES
 
 __all__ = [
     "BUCKETS",

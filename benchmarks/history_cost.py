@@ -99,7 +99,7 @@ def make_call(path: str, length: int, batch: int) -> Callable[[], object]:
         full = sasrec.build_model(catalog, config).eval()
         return lambda: full.user_interests(users)
     if path.startswith("HyMiRec"):
-        from model import hymirec
+        from model import hymirec_model as hymirec
 
         hy = hymirec.HyMiRec(
             catalog,

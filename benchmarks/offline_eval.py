@@ -1,7 +1,8 @@
 """Offline accuracy of every registered model on MovieLens-100K: full ranking, several seeds.
 
 Trains each model the registry can build (models whose module does not exist yet are skipped with
-a message) with the one harness, ``model.train.train_and_evaluate``, for each seed; prints a
+a message) with the one harness, ``model.training.offline.train_and_evaluate``, for each seed;
+prints a
 markdown table of mean ± std (over seeds, ddof=1) of the test metrics and the cost of training,
 and appends it with the date, the machine and the protocol to ``benchmarks/RESULTS.md``.
 
@@ -32,13 +33,13 @@ from benchmarks.report import append_section, machine
 from core.errors import HymirecError
 from core.movielens import load_ratings
 from core.settings import Settings, load_settings
-from model import registry
+from model import zoo
 from model.base import CatalogInfo
 from model.data import SequenceData, build_catalog, load_movielens_sequences
 from model.evaluate import genre_ids
 from model.interest_merge import MERGES, Merge
 from model.multi_target import evaluate_multi_target, holdout_data, tie_free_users
-from model.train import RunResult, evaluate_model, train_and_evaluate
+from model.training.offline import RunResult, evaluate_model, train_and_evaluate
 from simulator.grounded import grounded_population
 
 METRICS = [
@@ -57,7 +58,8 @@ PROTOCOL = """\
 second-to-last, training = the rest); every item ranked, the user's earlier items masked; one \
 target, so Recall@K = HR@K; Div@50 = share of top-50 pairs with unequal genre sets, Cov@50 = \
 share of items in any user's top-50.
-- Training: `model.train.train_and_evaluate`: AdamW (lr 1e-3, weight decay 0.01), each model's \
+- Training: `model.training.offline.train_and_evaluate`: AdamW (lr 1e-3, weight decay 0.01), \
+each model's \
 own loss (full softmax over all items); validation after every epoch, best NDCG@10 kept, stop \
 after `patience` epochs without gain; the best weights are tested. Mean ± std over seeds (ddof=1).
 - Cost: train s = epochs plus their validation passes; samples/s = training sequences per second \
@@ -232,7 +234,7 @@ def multi_target_extras(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--models", nargs="+", default=list(registry.MODEL_NAMES))
+    parser.add_argument("--models", nargs="+", default=list(zoo.MODEL_NAMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20, help="at most, per run")
     parser.add_argument("--patience", type=int, default=3)
@@ -253,9 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     multi_extras: dict[str, list[Extras]] = {}
     skipped: list[str] = []
     for name in args.models:
-        if not registry.is_available(name):
-            skipped.append(f"{name} ({registry.module_name(name)} does not exist yet)")
-            print(f"skip {name}: {registry.module_name(name)} does not exist yet", file=sys.stderr)
+        if not zoo.is_available(name):
+            skipped.append(f"{name} ({zoo.module_name(name)} does not exist yet)")
+            print(f"skip {name}: {zoo.module_name(name)} does not exist yet", file=sys.stderr)
             continue
         for seed in args.seeds:
             tick = time.perf_counter()

@@ -35,12 +35,12 @@ from core.movielens import load_ratings
 from core.settings import Settings
 from features.item_features import build_item_features
 from hymirec.processes import ServiceProcess
-from model import registry
+from model import zoo
 from model.checkpoint_registry import CheckpointRegistry
 from model.data import build_catalog, load_movielens_sequences
-from model.train import evaluate_model
-from model.trainer import load_version_model
-from model.trainer_loop import run_trainer
+from model.training.offline import evaluate_model
+from model.training.online import load_version_model
+from model.training.stream_loop import run_trainer
 from streaming.broker import LocalBroker
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events
@@ -101,7 +101,7 @@ def quality(settings: Settings, models: list[str]) -> list[str]:
         published = CheckpointRegistry(settings.registry_dir).latest(name)
         assert published is not None
         model = load_version_model(published, catalog)
-        max_len = registry.training_defaults(name).max_len
+        max_len = zoo.training_defaults(name).max_len
         test = evaluate_model(model, data, catalog.genres, "test", max_len)
         meta = published.metadata
         lines.append(

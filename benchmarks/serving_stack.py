@@ -43,7 +43,7 @@ from features.store import FeatureStoreClient, UserHistoryFeatures
 from hymirec.processes import ServiceProcess
 from model.checkpoint_registry import CheckpointRegistry
 from model.data import build_catalog
-from model.trainer import ModelTrainer, StreamRecord, TrainerOptions
+from model.training.online import ModelTrainer, StreamRecord, TrainerOptions
 from serving.feast_rows import HistoryRows
 from streaming.schema import TrainingSample
 

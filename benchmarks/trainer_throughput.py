@@ -4,7 +4,8 @@ ML-100K ratings become training samples as the stream worker makes them (``seq``
 the user's history, the last 50 items as ``recent_item_ids``), in two orders: timestamp order
 (the replay order, few users per micro-batch) and users interleaved round-robin (about one sample
 per user per micro-batch, the most users a micro-batch can hold). Every model learns every
-micro-batch in process, no broker, as ``model.trainer_loop`` drives them; the figure is samples
+micro-batch in process, no broker, as ``model.training.stream_loop`` drives them; the figure is
+samples
 learned by all models together per second of wall time. Two settings: a quiet machine with two
 torch threads, and one torch thread beside two busy CPU-burning processes (the demo's neighbours).
 Each run starts fresh models, seeded, so the settings learn the same samples the same way.
@@ -33,7 +34,7 @@ from benchmarks.report import append_section, machine
 from core.settings import Settings
 from model.base import CatalogInfo
 from model.data import build_catalog, load_movielens_sequences
-from model.trainer import PREQUENTIAL_SAMPLE, ModelTrainer, StreamRecord, TrainerOptions
+from model.training.online import PREQUENTIAL_SAMPLE, ModelTrainer, StreamRecord, TrainerOptions
 from streaming.schema import TrainingSample
 from tests.conftest import EMBEDDING_CACHE
 

@@ -156,7 +156,7 @@ class Settings(BaseSettings):
         14, ge=1, le=365, description="Days before first exposure counted as the CUPED covariate."
     )
 
-    # Incremental trainer, checkpoint registry (model/trainer.py, model/checkpoint_registry.py).
+    # Incremental trainer, checkpoint registry (model/training/, model/checkpoint_registry.py).
     trainer_models: str = Field(
         "", description="Comma-separated model names; empty means the models the experiments serve."
     )

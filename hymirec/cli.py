@@ -114,7 +114,7 @@ def _add_analytics(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def _add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Sub-commands: offline training and evaluation, the online trainer."""
-    models = "popular, sasrec, hstu, hymirec, persrec or fuxi_mme (model/registry.py)"
+    models = "popular, sasrec, hstu, hymirec, persrec or fuxi_mme (model/zoo.py)"
     train = sub.add_parser("train", help="train a model offline on ML-100K and save it")
     train.add_argument("--model", required=True, help=models)
     train.add_argument("--seed", type=int, default=0)

@@ -53,8 +53,8 @@ from core.errors import ConfigError
 from hymirec.scenarios import SCENARIOS as DEMO_SCENARIOS
 from model.base import CatalogInfo
 from model.data import SequenceData, load_movielens_sequences
-from model.pretrain import pretrained_checkpoint
-from model.train import load_checkpoint
+from model.training.offline import load_checkpoint
+from model.training.pretrain import pretrained_checkpoint
 from serving.features import CodeIndex, UserHistory, catalog_codebook
 from serving.models import POPULAR, LoadedModel, movielens_popularity
 from simulator.grounded import GroundedPopulation
@@ -97,7 +97,7 @@ def pretrained_models(
     seed: int = 0,
     on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> dict[str, LoadedModel]:
-    """Each named model at its offline-pretrained version (``model.pretrain``: cached in
+    """Each named model at its offline-pretrained version (``model.training.pretrain``: cached in
     ``cache_dir``, trained now if missing), loaded as the service loads it; ``popular`` is the
     service's built-in ML-100K prior."""
     models: dict[str, LoadedModel] = {}

@@ -232,7 +232,12 @@ def experiments(settings: Settings, args: argparse.Namespace) -> int:
 
 def train(settings: Settings, args: argparse.Namespace) -> int:
     from model.data import build_catalog, load_movielens_sequences
-    from model.train import checkpoint_path, format_metrics, save_checkpoint, train_and_evaluate
+    from model.training.offline import (
+        checkpoint_path,
+        format_metrics,
+        save_checkpoint,
+        train_and_evaluate,
+    )
 
     catalog, data = build_catalog(settings), load_movielens_sequences()
     run = train_and_evaluate(args.model, catalog, data, seed=args.seed, epochs=args.epochs)
@@ -249,7 +254,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
 
 def evaluate(settings: Settings, args: argparse.Namespace) -> int:
     from model.data import build_catalog, load_movielens_sequences
-    from model.train import checkpoint_path, evaluate_checkpoint, format_metrics
+    from model.training.offline import checkpoint_path, evaluate_checkpoint, format_metrics
 
     path = checkpoint_path(settings.data_dir, args.model, args.seed)
     metrics = evaluate_checkpoint(path, build_catalog(settings), load_movielens_sequences())
@@ -263,7 +268,7 @@ def trainer(settings: Settings, args: argparse.Namespace) -> int:
 
     from abtest.experiments import trained_models
     from model.data import build_catalog
-    from model.trainer_loop import run_trainer
+    from model.training.stream_loop import run_trainer
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

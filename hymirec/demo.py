@@ -2,7 +2,7 @@
 
 1. The embedded broker, item features (text embeddings + codebook) and the Feast repo.
 2. Every model the scenario serves (and ``popular``) trained offline on ML-100K, or taken from
-   the cache (``model.pretrain``; the first run trains, with a progress bar).
+   the cache (``model.training.pretrain``; the first run trains, with a progress bar).
 3. The Faust worker and the ClickHouse sink (which also publishes the dashboard's readout
    snapshots, since it owns the chdb directory), each a child process with its log under
    ``<data_dir>/logs``. A warm start: the first ``warm_events`` (all 100,000) MovieLens-100K
@@ -114,7 +114,7 @@ def _pretrain(settings: Settings, models: list[str], epochs: int | None) -> Path
     """Offline-train (or take from the cache) every model the trainer will serve; return the
     ``--init-from`` folder holding them."""
     from model.data import build_catalog, load_movielens_sequences
-    from model.pretrain import (
+    from model.training.pretrain import (
         PRETRAIN_EPOCHS,
         ProgressBar,
         pretrained_checkpoint,
@@ -387,7 +387,8 @@ def run_demo(
 ) -> DemoResult:
     """Run the loop (see the module docstring); return the readout and simulator statistics.
 
-    ``pretrain_epochs`` overrides every model's offline budget (``model.pretrain``; tests use 1).
+    ``pretrain_epochs`` overrides every model's offline budget (``model.training.pretrain``;
+    tests use 1).
     """
     from abtest.experiments import trained_models
     from simulator.client import load_population, run_simulation

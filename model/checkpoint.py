@@ -3,7 +3,7 @@
 A version folder (``model.checkpoint_registry``) holds ``model.pt``: a dict with ``format``
 (:data:`ONLINE_CHECKPOINT_FORMAT`), ``model_name``, ``config`` (the model's config as a dict),
 ``num_items`` (the catalogue size it was trained on; the catalogue only grows) and
-``state_dict``. The trainer writes it (``model.trainer``); the trainer's resume and the
+``state_dict``. The trainer writes it (``model.training.online``); the trainer's resume and the
 recommendation service read it through :func:`read_version_model`, so serving loads a version
 without importing the trainer or its stream machinery.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from core.errors import DataError, TrainerError
-from model import registry
+from model import zoo
 from model.base import CatalogInfo, SequentialRecommender
 from model.checkpoint_registry import PublishedVersion
 
@@ -76,7 +76,7 @@ def read_version_model(
             f"{published.path} was trained on {num_items} items but the catalogue has "
             f"{catalog.num_items}; the catalogue may only grow"
         )
-    model = registry.build(
+    model = zoo.build(
         str(payload["model_name"]), extend_catalog(catalog, num_items), **payload["config"]
     )
     model.load_state_dict(payload["state_dict"])

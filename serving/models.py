@@ -43,7 +43,7 @@ from core.errors import HymirecError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.checkpoint import load_version_model
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
-from model.hymirec import HyMiRec
+from model.hymirec_model import HyMiRec
 from model.popularity import Config as PopularityConfig
 from model.popularity import PopularityRecommender
 from serving.features import UserHistory

@@ -48,7 +48,7 @@ PURE_CORES: dict[str, tuple[str, ...]] = {
             "moe",
             "sasrec",
             "hstu",
-            "hymirec",
+            "hymirec_model",
             "persrec",
             "fuxi_mme",
             "popularity",

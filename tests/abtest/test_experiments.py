@@ -22,7 +22,7 @@ from abtest.experiments import (
 from core.errors import ConfigError, ExperimentConfigError
 from core.settings import EXPERIMENTS_FILE
 from hymirec.cli import main
-from model.registry import MODEL_NAMES
+from model.zoo import MODEL_NAMES
 
 VALID: dict[str, Any] = {
     "default_model": "sasrec",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from core.errors import ConfigError
 from features.codebook import ResidualCodebook
 from model.base import Batch, CatalogInfo
-from model.hymirec import Config, HyMiRec, build_model
+from model.hymirec_model import Config, HyMiRec, build_model
 from model.interest_merge import Merge
 
 NUM_ITEMS, TEXT_DIM, LEVELS, SIZE = 40, 16, 2, 8

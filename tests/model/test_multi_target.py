@@ -18,7 +18,7 @@ from model.multi_target import (
     tie_free_users,
 )
 from model.popularity import PopularityRecommender, build_model
-from model.train import evaluate_model
+from model.training.offline import evaluate_model
 from tests.model.offline_fixtures import cyclic_data, tiny_catalog
 
 

@@ -13,11 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import registry
+from model import zoo
 from model.base import Batch, SequentialRecommender
 from model.checkpoint_registry import CheckpointRegistry
 from model.interest_merge import Merge
-from model.online import (
+from model.popularity import Config, PopularityRecommender
+from model.training.online import ModelTrainer, StreamRecord, TrainerOptions, load_version_model
+from model.training.online_core import (
     Example,
     StreamHistories,
     examples_for_step,
@@ -27,8 +29,6 @@ from model.online import (
     make_batch,
     prequential_metrics,
 )
-from model.popularity import Config, PopularityRecommender
-from model.trainer import ModelTrainer, StreamRecord, TrainerOptions, load_version_model
 from streaming.schema import TrainingSample
 from tests.model.offline_fixtures import tiny_catalog
 
@@ -82,11 +82,11 @@ def test_examples_follow_each_models_cut_policy() -> None:
         histories.apply(_sample(1, seq, item))
     rng = np.random.default_rng(0)
     # SASRec-style: the newest prefix, predicting the newest item (every position is learned).
-    last = examples_for_step(histories, {1: (3, 6)}, registry.training_defaults("sasrec"), 0, rng)
+    last = examples_for_step(histories, {1: (3, 6)}, zoo.training_defaults("sasrec"), 0, rng)
     assert len(last) == 1
     assert last[0].history.tolist() == [3, 4, 5, 6, 7] and last[0].targets.tolist() == [8]
     # HyMiRec-style: cuts only at the new positions, each predicting the items after it.
-    defaults = registry.training_defaults("hymirec")
+    defaults = zoo.training_defaults("hymirec")
     cuts = examples_for_step(histories, {1: (3, 6)}, defaults, 0, rng)
     assert 1 <= len(cuts) <= min(defaults.samples_per_user, 3)
     for example in cuts:
@@ -94,7 +94,7 @@ def test_examples_follow_each_models_cut_policy() -> None:
         assert cut in (3, 4, 5)
         assert example.targets.tolist() == [3, 4, 5, 6, 7, 8][cut : cut + defaults.target_window]
     # Replay adds examples from the whole history, ratio per new example.
-    mixed = examples_for_step(histories, {1: (3, 6)}, registry.training_defaults("sasrec"), 2, rng)
+    mixed = examples_for_step(histories, {1: (3, 6)}, zoo.training_defaults("sasrec"), 2, rng)
     assert len(mixed) == 3
     batch = make_batch(mixed, 1)
     assert batch.history.shape == (3, 5) and batch.targets[:, 0].tolist() == [8, 8, 8]
@@ -105,8 +105,8 @@ def test_growing_the_catalogue_keeps_every_old_score(name: str) -> None:
     catalog = tiny_catalog(NUM_ITEMS)
     torch.manual_seed(0)
     config = {"max_len": 20} if name == "sasrec" else {}
-    old = registry.build(name, catalog, **config).eval()
-    grown = registry.build(name, extend_catalog(catalog, NUM_ITEMS + 7), **config)
+    old = zoo.build(name, catalog, **config).eval()
+    grown = zoo.build(name, extend_catalog(catalog, NUM_ITEMS + 7), **config)
     grow_model(old, grown, NUM_ITEMS + 1).eval()
     batch = make_batch(_examples_for(catalog), 1)
     with torch.no_grad():
@@ -121,7 +121,7 @@ def _examples_for(catalog: object) -> list:  # type: ignore[type-arg]
     for seq, item in enumerate([1, 5, 9, 13]):
         histories.apply(_sample(2, seq, item))
     return examples_for_step(
-        histories, {2: (0, 4)}, registry.training_defaults("sasrec"), 0, np.random.default_rng(0)
+        histories, {2: (0, 4)}, zoo.training_defaults("sasrec"), 0, np.random.default_rng(0)
     )
 
 
@@ -219,15 +219,15 @@ def _ranking_model(name: str) -> SequentialRecommender:
     if name == "next_item_boost":
         model: SequentialRecommender = _NextItemBoost(CATALOG, Config())
     else:
-        fields = {f.name for f in dataclasses.fields(registry.make_config(name))}
+        fields = {f.name for f in dataclasses.fields(zoo.make_config(name))}
         config = {"max_len": PROBE_MAX_LEN} if "max_len" in fields else {}
-        model = registry.build(name, CATALOG, **config)
+        model = zoo.build(name, CATALOG, **config)
     if isinstance(model, PopularityRecommender):  # counts with ties: tie-breaking is exercised
         model.fit(torch.randint(0, 4, (NUM_ITEMS + 1,)).float())
     return model
 
 
-@pytest.mark.parametrize("name", [*registry.MODEL_NAMES, "next_item_boost"])
+@pytest.mark.parametrize("name", [*zoo.MODEL_NAMES, "next_item_boost"])
 @settings(max_examples=15, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, PROBE_MAX_LEN), min_size=1, max_size=12),
@@ -297,7 +297,7 @@ def test_popular_builds_no_training_examples(monkeypatch: pytest.MonkeyPatch) ->
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("popular learns by counting; it needs no examples")
 
-    monkeypatch.setattr("model.trainer.examples_for_step", refuse)
+    monkeypatch.setattr("model.training.online.examples_for_step", refuse)
     trainer = _learned(TrainerOptions(), "popular")
     assert trainer.samples_seen == 96
     assert float(trainer.model.counts.sum()) == 96  # type: ignore[operator]

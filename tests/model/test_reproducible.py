@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.train import RunResult, train_and_evaluate
+from model.training.offline import RunResult, train_and_evaluate
 from tests.model.offline_fixtures import cyclic_data, tiny_catalog
 
 NUM_ITEMS = 30

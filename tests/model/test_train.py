@@ -9,7 +9,12 @@ import torch
 
 from core.errors import DataError
 from model.evaluate import ranking_metrics
-from model.train import evaluate_model, load_checkpoint, save_checkpoint, train_and_evaluate
+from model.training.offline import (
+    evaluate_model,
+    load_checkpoint,
+    save_checkpoint,
+    train_and_evaluate,
+)
 from tests.model.offline_fixtures import cyclic_data, tiny_catalog
 
 TINY_SASREC = {"dim": 16, "heads": 1, "layers": 1, "dropout": 0.0}
@@ -99,10 +104,10 @@ def test_cli_train_then_eval_popular(
 
 @pytest.mark.parametrize("name", ["sasrec", "hstu", "hymirec", "persrec", "fuxi_mme"])
 def test_every_available_model_runs_one_epoch_through_the_harness(name: str) -> None:
-    from model import registry
+    from model import zoo
 
-    if not registry.is_available(name):
-        pytest.skip(f"{registry.module_name(name)} does not exist yet")
+    if not zoo.is_available(name):
+        pytest.skip(f"{zoo.module_name(name)} does not exist yet")
     catalog, data = tiny_catalog(12), cyclic_data(num_users=16, num_items=12, length=10)
     small = {"dim": 16, "layers": 1}  # every model's Config has these two
     run = train_and_evaluate(

@@ -16,7 +16,7 @@ from core.movielens import load_ratings
 from core.settings import Settings
 from hymirec.processes import ServiceProcess
 from model.checkpoint_registry import CheckpointRegistry
-from model.trainer import load_version_model
+from model.training.online import load_version_model
 from streaming.kafka_io import ensure_topics
 from streaming.schema import TrainingSample
 from tests.conftest import end_offsets, wait_until
@@ -174,8 +174,8 @@ def test_trainer_starts_from_offline_checkpoints(
     import torch
 
     from model.data import build_catalog, load_movielens_sequences
-    from model.pretrain import pretrained_checkpoint, pretrained_filename
-    from model.train import load_checkpoint
+    from model.training.offline import load_checkpoint
+    from model.training.pretrain import pretrained_checkpoint, pretrained_filename
 
     settings = make_settings(
         trainer_models=",".join(MODELS),

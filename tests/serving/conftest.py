@@ -26,7 +26,7 @@ from features.store import FeatureStoreClient, UserHistoryFeatures
 from model.base import CatalogInfo
 from model.checkpoint_registry import CheckpointRegistry
 from model.data import build_catalog
-from model.trainer import ModelTrainer, StreamRecord, TrainerOptions
+from model.training.online import ModelTrainer, StreamRecord, TrainerOptions
 from streaming.broker import LocalBroker
 from streaming.kafka_io import ensure_topics
 from streaming.schema import TrainingSample, exposure_impressions, parse_event

@@ -20,7 +20,7 @@ from abtest.experiments import load_experiments
 from abtest.splitter import Splitter
 from core.movielens import load_ratings
 from model.base import Batch, CatalogInfo
-from model.trainer import load_version_model
+from model.training.online import load_version_model
 from serving import MAX_K, RecommendationService, ServerThread, create_app
 from tests.serving.conftest import World, reference_seen
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from abtest.experiments import load_experiments
 from abtest.splitter import Splitter
 from features.item_features import load_item_features
-from model.trainer import StreamRecord
+from model.training.online import StreamRecord
 from serving import MAX_K, RecommendationService, ServerThread, create_app
 from streaming.schema import TrainingSample
 from tests.conftest import wait_until

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import registry
-from model.hymirec import HyMiRec
+from model import zoo
+from model.hymirec_model import HyMiRec
 from serving.features import UserHistory
 from serving.models import InterestCache, LoadedModel, encode_long, top_k
 from tests.model.offline_fixtures import tiny_catalog
@@ -78,7 +78,7 @@ def history(user: int, items: np.ndarray, codes: np.ndarray, recent_len: int) ->
 def loaded() -> LoadedModel:
     torch.manual_seed(0)
     catalog = tiny_catalog(NUM_ITEMS, levels=LEVELS)
-    model = registry.build("hymirec", catalog, recent_len=5, dim=16, heads=2)
+    model = zoo.build("hymirec", catalog, recent_len=5, dim=16, heads=2)
     return LoadedModel.build("hymirec", "v000001", model, 0)
 
 
@@ -163,8 +163,9 @@ def test_the_model_runs_once_per_history(loaded: LoadedModel) -> None:
 def test_serving_loads_checkpoints_without_importing_the_trainer() -> None:
     code = (
         "import sys, serving, serving.models; "
-        "print(sorted(m for m in sys.modules if m in ('model.trainer', 'model.online', "
-        "'model.trainer_loop')))"
+        "print(sorted(m for m in sys.modules if m in ('model.training.online', "
+        "'model.training.online_core', "
+        "'model.training.stream_loop')))"
     )
     out = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True

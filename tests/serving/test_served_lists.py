@@ -17,7 +17,7 @@ from features.item_features import load_item_features
 from features.store import FeatureStoreClient
 from model.base import Batch
 from model.checkpoint import load_version_model
-from model.hymirec import HyMiRec
+from model.hymirec_model import HyMiRec
 from serving import RecommendationService
 from serving.features import UserHistory
 from tests.serving.conftest import World, history_row

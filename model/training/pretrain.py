@@ -1,6 +1,7 @@
 """Offline-trained starting points for the online models (pretrain offline, fine-tune online).
 
-:func:`pretrained_checkpoint` trains a model with the offline harness (``model.train``: AdamW,
+:func:`pretrained_checkpoint` trains a model with the offline harness
+(``model.training.offline``: AdamW,
 validation early stopping on NDCG@10, the best weights kept) and saves it as an offline
 checkpoint. The file is cached under ``<cache_dir>/pretrained/`` by a key over everything that
 decides the result: the training sequences, the catalogue (text embeddings and codebook codes),
@@ -9,7 +10,7 @@ models and offline harness (so a code change there retrains). A
 second call with the same inputs loads the file and trains nothing.
 
 The online trainer starts from such a file (``hymirec trainer --init-from DIR``, see
-``model.trainer_loop``); the demo trains them once and caches them.
+``model.training.stream_loop``); the demo trains them once and caches them.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError
-from model import registry
+from model import zoo
 from model.base import CatalogInfo
 from model.data import SequenceData
-from model.train import save_checkpoint, train_and_evaluate
+from model.training.offline import save_checkpoint, train_and_evaluate
 
 __all__ = [
     "PRETRAIN_EPOCHS",
@@ -52,7 +53,7 @@ PRETRAIN_EPOCHS = {
     "persrec": 5,
     "fuxi_mme": 5,
 }
-_MODEL_SOURCES = Path(__file__).resolve().parent
+_MODEL_SOURCES = Path(__file__).resolve().parent.parent  # model/
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -65,19 +66,22 @@ def _digest(*arrays: np.ndarray) -> str:
 
 # The online side of model/ does not change what offline training produces.
 _ONLINE_ONLY = {
-    "trainer.py",
-    "trainer_loop.py",
-    "online.py",
+    "training/online.py",
+    "training/online_core.py",
+    "training/online_metrics.py",
+    "training/stream_loop.py",
+    "training/pretrain.py",
+    "checkpoint.py",
     "checkpoint_registry.py",
-    "pretrain.py",
 }
 
 
 def _code_digest() -> str:
     h = hashlib.sha256()
-    for path in sorted(_MODEL_SOURCES.glob("*.py")):
-        if path.name not in _ONLINE_ONLY:
-            h.update(path.name.encode() + path.read_bytes())
+    for path in sorted(_MODEL_SOURCES.rglob("*.py")):
+        name = path.relative_to(_MODEL_SOURCES).as_posix()
+        if name not in _ONLINE_ONLY:
+            h.update(name.encode() + path.read_bytes())
     return h.hexdigest()
 
 
@@ -132,7 +136,7 @@ def pretrained_checkpoint(
 ) -> tuple[Path, bool]:
     """The cached offline checkpoint of ``name`` (trained now if missing); and whether it came
     from the cache."""
-    registry.module_name(name)  # an unknown model is a ConfigError naming the known ones
+    zoo.module_name(name)  # an unknown model is a ConfigError naming the known ones
     budget = PRETRAIN_EPOCHS.get(name, 5) if epochs is None else epochs
     if budget < 0:
         raise ConfigError(f"epochs must be >= 0; got {budget}")

@@ -1,5 +1,5 @@
 """Peak memory while a block runs: the CUDA allocator's peak, or the sampled growth of the
-process's resident memory (``model.train`` reports it beside each run)."""
+process's resident memory (``model.training.offline`` reports it beside each run)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ the stream position: for each partition of the training topic, the next offset i
 learned from. :meth:`ModelTrainer.learn` takes records in offset order, skips those below that
 position (so a restart that re-reads a partition from an older offset trains on nothing twice),
 ranks each new sample before learning it (test-then-train metrics, sampled: see
-``model.trainer_metrics``), and takes AdamW steps on the examples ``model.online`` cuts; the
+``model.training.online_metrics``), and takes AdamW steps on the examples
+``model.training.online_core`` cuts; the
 metadata states how many probes were ranked of how many.
 :meth:`ModelTrainer.publish` writes weights, optimiser state, histories and stream position as
 one registry version; the caller commits the consumer offsets only after that, so a crash at any
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import registry
+from model import zoo
 from model.base import CatalogInfo
 from model.checkpoint import (
     ONLINE_CHECKPOINT_FORMAT,
@@ -37,7 +38,8 @@ from model.checkpoint import (
     read_version_model,
 )
 from model.checkpoint_registry import CheckpointRegistry, PublishedVersion
-from model.online import (
+from model.popularity import PopularityRecommender
+from model.training.online_core import (
     PROBE_BUCKET_WIDTH,
     StreamHistories,
     examples_for_step,
@@ -45,8 +47,7 @@ from model.online import (
     grow_optimizer_state,
     make_batch,
 )
-from model.popularity import PopularityRecommender
-from model.trainer_metrics import PREQUENTIAL_SAMPLE, PendingMetrics, Probe, code_version
+from model.training.online_metrics import PREQUENTIAL_SAMPLE, PendingMetrics, Probe, code_version
 from streaming.schema import TrainingSample
 
 __all__ = [
@@ -104,16 +105,16 @@ class ModelTrainer:
         self.name = name
         self.options = options
         self.device = torch.device(options.device)
-        self.defaults = registry.training_defaults(name)
+        self.defaults = zoo.training_defaults(name)
         self.base_catalog = catalog
         self.catalog = catalog
         values = dict(config or {})
-        fields = {f.name for f in dataclasses.fields(registry.make_config(name))}
+        fields = {f.name for f in dataclasses.fields(zoo.make_config(name))}
         if "max_len" in fields:
             values.setdefault("max_len", self.defaults.max_len)
-        self.config = dataclasses.asdict(registry.make_config(name, **values))
+        self.config = dataclasses.asdict(zoo.make_config(name, **values))
         torch.manual_seed(options.seed)
-        self.model = registry.build(name, catalog, **self.config).to(self.device)
+        self.model = zoo.build(name, catalog, **self.config).to(self.device)
         self.optimizer = self._optimizer()
         self.histories = StreamHistories(self.defaults.max_len)
         self.offsets: dict[int, int] = {}
@@ -250,7 +251,7 @@ class ModelTrainer:
         old_rows = self.catalog.num_items + 1
         log.info("%s: catalogue grows from %d to %d items", self.name, old_rows - 1, num_items)
         self.catalog = extend_catalog(self.catalog, num_items)
-        grown = registry.build(self.name, self.catalog, **self.config).to(self.device)
+        grown = zoo.build(self.name, self.catalog, **self.config).to(self.device)
         self.model = grow_model(self.model, grown, old_rows)
         old_optimizer, self.optimizer = self.optimizer, self._optimizer()
         if old_optimizer is not None and self.optimizer is not None:
@@ -325,10 +326,11 @@ class ModelTrainer:
     def from_offline(
         cls, path: Path, catalog: CatalogInfo, options: TrainerOptions
     ) -> ModelTrainer:
-        """A trainer starting from an offline checkpoint (``model.train.save_checkpoint``): its
+        """A trainer starting from an offline checkpoint
+        (``model.training.offline.save_checkpoint``): its
         weights and config, a fresh optimiser, no stream position. Publish it before learning
         (``unpublished_start``), so serving gets the pretrained version at once."""
-        from model.train import load_checkpoint
+        from model.training.offline import load_checkpoint
 
         loaded = load_checkpoint(path, catalog)
         trainer = cls(loaded.name, catalog, options, dict(loaded.config))

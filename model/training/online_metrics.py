@@ -1,4 +1,4 @@
-"""What a :class:`model.trainer.ModelTrainer` measures between two published versions.
+"""What a :class:`model.training.online.ModelTrainer` measures between two published versions.
 
 Each new sample is ranked before the model learns it (test-then-train, "prequential"
 evaluation). The ranking is sampled: at most ``prequential_sample`` of a micro-batch's probes
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from model.base import SequentialRecommender
-from model.online import Example, prequential_metrics
+from model.training.online_core import Example, prequential_metrics
 
 __all__ = ["PREQUENTIAL_SAMPLE", "PendingMetrics", "Probe", "code_version"]
 

@@ -37,7 +37,7 @@ _MODULES = {
     "popular": "model.popularity",
     "sasrec": "model.sasrec",
     "hstu": "model.hstu",
-    "hymirec": "model.hymirec",
+    "hymirec": "model.hymirec_model",
     "persrec": "model.persrec",
     "fuxi_mme": "model.fuxi_mme",
 }

@@ -356,7 +356,8 @@ class HyMiRec(SequentialRecommender):
 
     def score_all(self, batch: Batch, merge: Merge | None = None) -> Tensor:
         """The base class's scoring, defined here so that callers that special-case the base
-        class's max (``model.online``'s bucketed evaluation) call this model's own merge."""
+        class's max (``model.training.online_core``'s bucketed evaluation) call this model's own
+        merge."""
         return super().score_all(batch, merge)
 
     def item_embeddings(self) -> Tensor:

@@ -36,9 +36,9 @@ from core.errors import BrokerError, ConfigError, TrainerError
 from core.settings import Settings
 from model.base import CatalogInfo
 from model.checkpoint_registry import CheckpointRegistry
-from model.pretrain import pretrained_filename
-from model.registry import MODEL_NAMES
-from model.trainer import ModelTrainer, StreamRecord, TrainerOptions
+from model.training.online import ModelTrainer, StreamRecord, TrainerOptions
+from model.training.pretrain import pretrained_filename
+from model.zoo import MODEL_NAMES
 from streaming.fetch_backoff import install_kafka_python_backoff
 from streaming.kafka_io import ensure_topics
 from streaming.schema import TrainingSample

@@ -7,7 +7,7 @@ user, drops repeats (``seq`` already applied: the stream worker is at-least-once
 (``seq`` beyond the next expected one: the trainer started on a topic whose older samples are
 gone), seeds the history from the sample's ``recent_item_ids``.
 
-Examples follow the offline harness's cut policy per model (``model.registry.TRAINING_DEFAULTS``):
+Examples follow the offline harness's cut policy per model (``model.zoo.TRAINING_DEFAULTS``):
 ``cut="last"`` models (SASRec, HSTU) learn next-item at every position, so one example per active
 user (its newest prefix) covers every new transition; ``cut="uniform"`` models (HyMiRec, PerSRec,
 Fuxi-MME) get up to ``samples_per_user`` cuts among the user's new positions, each predicting the
@@ -30,7 +30,7 @@ from torch import Tensor
 from model.base import Batch, SequentialRecommender
 from model.checkpoint import extend_catalog  # here since the trainer grows its catalogue
 from model.evaluate import RankingAccumulator
-from model.registry import TrainingDefaults
+from model.zoo import TrainingDefaults
 from streaming.schema import TrainingSample
 
 __all__ = [

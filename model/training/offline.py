@@ -41,13 +41,13 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, DataError
-from model import registry
+from model import zoo
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.data import SequenceData, Split, evaluation_batches, training_batches
 from model.evaluate import RankingAccumulator
 from model.interest_merge import Merge
-from model.peak_memory import PeakMemory
 from model.popularity import PopularityRecommender
+from model.training.peak_memory import PeakMemory
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -162,13 +162,13 @@ def _build(
     """The model's Config and the model (a Config with ``max_len`` gets the harness's unless
     ``overrides`` sets it)."""
     values = dict(overrides or {})
-    if "max_len" in {f.name for f in dataclasses.fields(registry.make_config(name))}:
+    if "max_len" in {f.name for f in dataclasses.fields(zoo.make_config(name))}:
         values.setdefault("max_len", max_len)
-    return registry.make_config(name, **values), registry.build(name, catalog, **values)
+    return zoo.make_config(name, **values), zoo.build(name, catalog, **values)
 
 
 def _options(
-    defaults: registry.TrainingDefaults,
+    defaults: zoo.TrainingDefaults,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -310,7 +310,7 @@ def train_and_evaluate(
     if epochs < 0 or patience < 1:
         raise ConfigError("epochs must be >= 0 and patience >= 1")
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = registry.training_defaults(name)
+    defaults = zoo.training_defaults(name)
     max_len = max_len or defaults.max_len
     window = target_window or defaults.target_window
     _seed_everything(seed)
@@ -404,7 +404,7 @@ def load_checkpoint(
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     name = str(payload["model_name"])
-    model = registry.build(name, catalog, **payload["config"])
+    model = zoo.build(name, catalog, **payload["config"])
     model.load_state_dict(payload["state_dict"])
     return LoadedCheckpoint(
         model=model.to(device).eval(),
