@@ -184,7 +184,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--interests", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=["sasrec", "hymirec"])
-    parser.add_argument("--epochs", type=int, default=20, help="at most, per run")
+    parser.add_argument("--epochs", type=int, default=30, help="at most, per run")
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--users", type=int, default=defaults.num_users)
