@@ -12,25 +12,32 @@ training per model and seed on the multi-target hold-out (``model.multi_target``
 as the target set; ``--multi-target 0`` skips it).
 
 Run from the repository root: ``python -m benchmarks.offline_eval [--models ...] [--seeds 0 1 2]
-[--epochs E] [--threads T] [--multi-target N] [--clusters world|genres] [--results PATH]``.
+[--epochs E] [--threads T] [--multi-target N] [--clusters world|genres] [--results PATH]
+[--variants MODEL:KEY=VALUE,...]``. A variant (issue 22's ablations and W/K grid, e.g.
+``hymirec:interests=1``, ``hymirec:max_len=50`` for no long history, ``hymirec:target_window=10``)
+trains a model with config overrides (``max_len`` and ``target_window`` go to the harness) beside
+the plain models, at the same budget, and gets its own rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from benchmarks.report import append_section, machine
-from core.errors import HymirecError
+from core.errors import ConfigError, HymirecError
 from core.movielens import load_ratings
 from core.settings import Settings, load_settings
 from model import zoo
@@ -88,6 +95,69 @@ Transducers for Generative Recommendations" (ICML), ML-1M full-corpus HR@10 / ND
 0.2853 / 0.1603, HSTU 0.3097 / 0.1720, HSTU-large 0.3294 / 0.1893. Checked here against the ML-1M \
 table in the authors' repository README (facebookresearch/generative-recommenders), which reports \
 the paper's results; the paper's own table was not opened."""
+
+
+HARNESS_KEYS = ("max_len", "target_window")  # a variant's keys that go to the harness
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model trained with config ``overrides`` and harness arguments (``max_len``, ...)."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    harness: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        settings = {**self.overrides, **self.harness}
+        if not settings:
+            return self.name
+        return f"{self.name} ({', '.join(f'{k}={v}' for k, v in settings.items())})"
+
+    def train(self, catalog: CatalogInfo, data: SequenceData, seed: int, args: Any) -> RunResult:
+        return train_and_evaluate(
+            self.name,
+            catalog,
+            data,
+            seed=seed,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            patience=args.patience,
+            overrides=self.overrides or None,
+            max_len=self.harness.get("max_len"),
+            target_window=self.harness.get("target_window"),
+        )
+
+
+def parse_variant(spec: str) -> Variant:
+    """``model:key=value,key=value`` (values as Python literals, else strings); unknown models
+    or config fields are a ConfigError naming them."""
+    name, _, body = spec.partition(":")
+    overrides: dict[str, Any] = {}
+    harness: dict[str, int] = {}
+    for pair in filter(None, body.split(",")):
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"variant {spec!r}: {pair!r} is not key=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        key = key.strip()
+        if key in HARNESS_KEYS and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"variant {spec!r}: {key} must be an integer >= 1; got {text!r}")
+        (harness if key in HARNESS_KEYS else overrides)[key] = value
+    zoo.make_config(name, **overrides)  # unknown model or field: ConfigError now, not mid-run
+    return Variant(name, overrides, harness)
+
+
+def variant_argument(spec: str) -> Variant:
+    """:func:`parse_variant` for argparse (its errors become a usage message)."""
+    try:
+        return parse_variant(spec)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def machine_now() -> str:
@@ -201,23 +271,15 @@ def multi_target_table(extras: dict[str, list[Extras]]) -> str:
 
 
 def multi_target_extras(
-    name: str,
+    variant: Variant,
     args: argparse.Namespace,
     seed: int,
     catalog: CatalogInfo,
     data: SequenceData,
     clusters: Tensor,
 ) -> Extras:
-    """Train ``name`` again on the multi-target hold-out; its set metrics under each merge."""
-    run = train_and_evaluate(
-        name,
-        catalog,
-        holdout_data(data, args.multi_target),
-        seed=seed,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        patience=args.patience,
-    )
+    """Train ``variant`` again on the multi-target hold-out; its set metrics under each merge."""
+    run = variant.train(catalog, holdout_data(data, args.multi_target), seed, args)
     max_len = int(run.options["max_len"])
     return {
         f"multi/{merge or 'own'}": evaluate_multi_target(
@@ -243,6 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--multi-target", type=int, default=10, help="target set size; 0: skip")
     parser.add_argument("--clusters", choices=sorted(CLUSTERS), default="world")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        type=variant_argument,
+        default=[],
+        help="extra runs, MODEL:KEY=VALUE,... (e.g. hymirec:interests=1 hymirec:max_len=50)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = machine_now()
@@ -254,23 +323,17 @@ def main(argv: list[str] | None = None) -> None:
     loo_extras: dict[str, list[Extras]] = {}
     multi_extras: dict[str, list[Extras]] = {}
     skipped: list[str] = []
-    for name in args.models:
-        if not zoo.is_available(name):
-            skipped.append(f"{name} ({zoo.module_name(name)} does not exist yet)")
-            print(f"skip {name}: {zoo.module_name(name)} does not exist yet", file=sys.stderr)
+    for variant in [*map(Variant, args.models), *args.variants]:
+        name = variant.label
+        if not zoo.is_available(variant.name):
+            module = zoo.module_name(variant.name)
+            skipped.append(f"{name} ({module} does not exist yet)")
+            print(f"skip {name}: {module} does not exist yet", file=sys.stderr)
             continue
         for seed in args.seeds:
             tick = time.perf_counter()
             try:
-                run = train_and_evaluate(
-                    name,
-                    catalog,
-                    data,
-                    seed=seed,
-                    epochs=args.epochs,
-                    batch_size=args.batch_size,
-                    patience=args.patience,
-                )
+                run = variant.train(catalog, data, seed, args)
             except (ImportError, HymirecError) as exc:
                 skipped.append(f"{name} ({type(exc).__name__}: {exc})")
                 print(f"skip {name}: {exc}", file=sys.stderr)
@@ -278,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.setdefault(name, []).append(run)
             loo_extras.setdefault(name, []).append(leave_one_out_extras(run, data, catalog))
             if clusters is not None:
-                multi = multi_target_extras(name, args, seed, catalog, data, clusters)
+                multi = multi_target_extras(variant, args, seed, catalog, data, clusters)
                 multi_extras.setdefault(name, []).append(multi)
             print(
                 f"{name} seed {seed}: test ndcg@10 {run.test['ndcg@10']:.4f} "
