@@ -12,7 +12,7 @@ seed). Appends the tables with the date, the machine, the load and the protocol 
 
 Run from the repository root: ``python -m benchmarks.controlled_interests [--interests 1 2 4 8]
 [--seeds 0 1 2] [--models sasrec hymirec] [--epochs E] [--patience P] [--users U] [--stay S]
-[--results PATH]``. Torch runs on one thread (the machine's cores are shared).
+[--spread X] [--results PATH]``. Torch runs on one thread (the machine's cores are shared).
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def world_config(args: argparse.Namespace, interests: int, seed: int) -> Interes
         items_per_cluster=args.items_per_cluster,
         length=args.length,
         stay=args.stay,
+        cluster_spread=args.spread,
         seed=seed,
     )
 
@@ -192,6 +193,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--items-per-cluster", type=int, default=defaults.items_per_cluster)
     parser.add_argument("--length", type=int, default=defaults.length)
     parser.add_argument("--stay", type=float, default=defaults.stay)
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=defaults.cluster_spread,
+        help="item text noise around the cluster centre (large: text says nothing of clusters)",
+    )
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
     return parser.parse_args(argv)
 
