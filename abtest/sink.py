@@ -14,7 +14,10 @@ loop commits them after the poll returns, for the partitions this sink still own
 that moved to another member is re-read there from its last committed offset, and the copies
 collapse as above. The sink joins its group with static membership (``sink_instance_id``): a sink
 restarted after a crash takes its partitions back at once under the same id, where a new member
-would wait for the dead one's session to expire (which the embedded broker never does).
+would wait for the dead one's session to expire (which the embedded broker never does). A sink
+that stops cleanly leaves the group (``streaming.membership``: a static member sends no
+LeaveGroup of its own), so that replicas scale down as well as up: its partitions move to the
+other sinks at once.
 
 An insert that fails is retried (``insert_attempts`` times, with a doubling back-off); after that
 the sink raises :class:`~core.errors.AnalyticsError` without committing, and a restart resumes
@@ -53,6 +56,7 @@ from core.errors import AnalyticsError, BrokerError, InvalidEvent
 from core.settings import Settings
 from streaming.fetch_backoff import install_kafka_python_backoff
 from streaming.kafka_group import fix_group_join
+from streaming.membership import leave_group
 from streaming.schema import Event, exposure_impressions, parse_event
 
 if TYPE_CHECKING:
@@ -144,6 +148,7 @@ class EventSink:
         self._inserted: dict[TopicPartition, OffsetAndMetadata] = {}
         self._inserted_records: Counter[TopicPartition] = Counter()
         self.failure: BaseException | None = None  # raised in a rebalance callback
+        self._closed = False
         fix_group_join()  # a join that completes between two polls must not be thrown away
         try:
             self._consumer = KafkaConsumer(
@@ -313,10 +318,15 @@ class EventSink:
 
     def close(self) -> None:
         """Leave the group (uncommitted records go to the next member); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._consumer.close(autocommit=False)
         except KafkaError as exc:
             log.warning("sink consumer close failed: %s", exc)
+        settings = self.settings
+        leave_group(settings.kafka_bootstrap, settings.sink_group_id, settings.sink_instance_id)
 
 
 @contextmanager

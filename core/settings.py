@@ -52,8 +52,22 @@ class Settings(BaseSettings):
         "training-samples",
         description="Topic of training samples the worker writes for the trainer.",
     )
-    topic_partitions: int = Field(
-        4, ge=1, le=256, description="Partitions of each topic the project creates."
+    # Partitions are the unit of scale: each worker or sink replica owns some of them, so a
+    # topic's count caps how many replicas share its work (README: "Scaling out").
+    events_topic_partitions: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Partitions of the events topic (and of the dead-letter topic and the "
+        "worker's table changelog, which follow it): the most worker or sink replicas that "
+        "share the events. Set it before the topic is first created.",
+    )
+    training_topic_partitions: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Partitions of the training-samples topic (its readers are the trainers, one "
+        "per checkpoint registry). Set it before the topic is first created.",
     )
     max_event_bytes: int = Field(
         64 * 1024, ge=1024, description="Larger payloads are dead-lettered."
@@ -267,6 +281,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def topic_partitions(self) -> int:
+        """The events topic's partitions, under the name of the retired setting, for code that
+        still reads it (being renamed): use ``events_topic_partitions``."""
+        return self.events_topic_partitions
+
+    @property
     def broker_dir(self) -> Path:
         return self.data_dir.resolve() / "broker"
 
@@ -335,6 +355,8 @@ def unknown_environment(environ: Mapping[str, str]) -> list[str]:
 
 # Settings that were removed, and why: naming one is refused with this reason.
 RETIRED = {
+    "topic_partitions": "replaced by HYMIREC_EVENTS_TOPIC_PARTITIONS and "
+    "HYMIREC_TRAINING_TOPIC_PARTITIONS (one count per topic)",
     "stream_batch_window_s": "removed: the stream worker takes the records that are waiting "
     "(no batch window)",
 }

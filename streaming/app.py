@@ -20,6 +20,7 @@ from features.item_features import ItemCodeTable
 from features.store import FeatureStoreClient
 from streaming.faust_compat import check_faust_version
 from streaming.fetch_backoff import install_aiokafka_backoff
+from streaming.membership import leave_group
 from streaming.worker import UserHistoryWorker
 
 __all__ = ["AGENT_NAME", "create_app", "run_worker"]
@@ -41,7 +42,7 @@ def _faust_app(settings: Settings, datadir: Path) -> faust.App:
         broker=_faust_brokers(settings.kafka_bootstrap),
         store="memory://",  # state lives in the changelog topic; recovered on start
         datadir=str(datadir),
-        topic_partitions=settings.topic_partitions,
+        topic_partitions=settings.events_topic_partitions,
         topic_replication_factor=1,
         web_host="127.0.0.1",
         web_bind="127.0.0.1",
@@ -82,7 +83,7 @@ def create_app(
         value_type=bytes,
         key_serializer="raw",
         value_serializer="raw",
-        partitions=settings.topic_partitions,
+        partitions=settings.events_topic_partitions,
         acks=False,  # Faust neither tracks nor commits its offsets: the worker does
     )
     histories = app.Table(
@@ -93,19 +94,22 @@ def create_app(
             key_serializer="json",
             value_serializer="json",
         ),
-        partitions=settings.topic_partitions,
+        partitions=settings.events_topic_partitions,
     )
     worker = UserHistoryWorker(
         app, settings, histories, store=store, codebook=codebook, item_codes=item_codes
     )
     app.agent(events, name=AGENT_NAME)(worker.consume)
     app.timer(interval=10.0)(worker.report)
+    app.on_partitions_revoked.connect(worker.finish_batch_before_revoke)
     app.on_rebalance_complete.connect(worker.resume_from_table)
     return app, worker
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> Any:
-    """Load the item codes, open Feast, and run one Faust worker in the foreground."""
+    """Load the item codes, open Feast, and run one Faust worker in the foreground. Once it has
+    stopped (its last batch committed), it leaves its group, so that its partitions move to the
+    other replicas at once (streaming/membership.py); a crash (SIGKILL, exit 70) skips that."""
     from faust.worker import Worker
 
     from features.item_features import load_item_features
@@ -114,4 +118,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> Any:
     store = FeatureStoreClient(settings)
     app, _ = create_app(settings, item_features.codebook, item_features.table, store)
     worker = Worker(app, loglevel=loglevel, quiet=True)
-    return worker.execute_from_commandline()
+    try:
+        return worker.execute_from_commandline()
+    finally:
+        leave_group(settings.kafka_bootstrap, settings.faust_app_id, settings.worker_instance_id)

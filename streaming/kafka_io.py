@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 
 def ensure_topics(settings: Settings) -> list[str]:
     """Create the pipeline's topics if they are missing; return the names created."""
-    wanted = [settings.events_topic, settings.dead_letter_topic, settings.training_topic]
+    # The dead-letter topic follows the events topic (its records keep their user keys).
+    wanted = {
+        settings.events_topic: settings.events_topic_partitions,
+        settings.dead_letter_topic: settings.events_topic_partitions,
+        settings.training_topic: settings.training_topic_partitions,
+    }
     config = {"max.message.bytes": str(settings.max_message_bytes)}
     try:
         admin = KafkaAdminClient(
@@ -44,9 +49,7 @@ def ensure_topics(settings: Settings) -> list[str]:
         created = []
         for name in missing:
             try:
-                admin.create_topics(
-                    [NewTopic(name, settings.topic_partitions, 1, topic_configs=config)]
-                )
+                admin.create_topics([NewTopic(name, wanted[name], 1, topic_configs=config)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass

@@ -38,6 +38,13 @@ through Faust's buffer, which hands one record per event-loop turn to aiokafka (
 batch took ~200 ms that way, ~25 ms sent directly). The private calls this takes live in
 streaming/faust_compat.py.
 
+**Replicas** share the topic by group assignment (README: "Scaling out"); a partition's position
+and users' states move with it in the changelog. A revocation waits for the batch in progress
+(Faust does not: it tracks no acknowledgements for ``events``); otherwise the next owner could
+recover the changelog without that batch's writes, and this worker's recovery of the partitions
+it keeps could overwrite newer states with older ones. Records of partitions it no longer owns
+are ignored (``not_owned``).
+
 A batch never ends half-done: a failed Feast push is retried (``worker_push_attempts``, doubling
 back-off); a batch that still fails stops the process at once (exit code 70, like a crash) before
 its positions are written, so that a restart re-reads it. A stop (SIGTERM) that arrives during a
@@ -93,6 +100,7 @@ class PipelineCounters:
     pushes: int = 0
     push_retries: int = 0
     skipped_deliveries: int = 0  # records delivered after a gap (ignored; see the ledger)
+    not_owned: int = 0  # records of partitions revoked from this worker (ignored)
     rewinds: int = 0
     batches: int = 0
     push_s: float = 0.0  # wall seconds inside Feast pushes (on their thread, within publish)
@@ -167,6 +175,8 @@ class UserHistoryWorker:
                 "ignored", settings.worker_fault_drop,
             )  # fmt: skip
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
+        self._in_flight: asyncio.Future[None] | None = None  # the batch being processed
+        self._owned: set[int] | None = None  # events partitions assigned; None: not known yet
 
     # -- the agent ---------------------------------------------------------------------------
 
@@ -179,7 +189,7 @@ class UserHistoryWorker:
     async def complete(self, batch: list[EventT[bytes]]) -> None:
         """Process the batch to its end, or end the process before its positions are written (a
         crashed Faust agent would leave a worker that runs but consumes nothing)."""
-        task = asyncio.ensure_future(self.process(batch))
+        task = self._in_flight = asyncio.ensure_future(self.process(batch))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -208,9 +218,12 @@ class UserHistoryWorker:
         self.counters.lap("table", clock)
 
     def _apply(self, batch: list[EventT[bytes]]) -> BatchOutcome:
-        deliveries = []
+        deliveries, owned = [], self._owned
         for event in batch:
             message = event.message
+            if owned is not None and message.partition not in owned:
+                self.counters.not_owned += 1
+                continue
             stamp = int(message.timestamp * 1000) if message.timestamp else None
             deliveries.append(
                 Delivery(message.partition, message.offset, event.value, stamp, message.key)
@@ -343,6 +356,7 @@ class UserHistoryWorker:
         A partition the table has no position for starts at its earliest offset."""
         topic = self.settings.events_topic
         assigned = [tp for tp in sender.consumer.assignment() if tp.topic == topic]
+        self._owned = {tp.partition for tp in assigned}
         positions = {tp.partition: self._table_position(tp.partition) for tp in assigned}
         unknown = [tp for tp in assigned if positions[tp.partition] is None]
         earliest: dict[int, int] = {}
@@ -369,14 +383,27 @@ class UserHistoryWorker:
         except Exception as exc:  # the ledger still seeks back if need be
             log.warning("could not commit the table's positions at assignment: %r", exc)
 
+    async def finish_batch_before_revoke(self, sender: Any, /, *_: Any, **__: Any) -> None:
+        """On a revocation (every rebalance): let the batch in progress finish before the
+        partitions move on (see the module doc); until the next assignment, own none."""
+        self._owned = set()
+        task = self._in_flight
+        if task is None or task.done():
+            return
+        log.info("rebalance: finishing the batch in progress before giving up partitions")
+        try:
+            await asyncio.shield(task)
+        except BaseException:  # the agent's complete() handles the failure (it ends the process)
+            log.warning("the batch in progress failed during a rebalance")
+
     async def report(self) -> None:
         """The timer: the counters, every 10 s (benchmarks read this line)."""
         counters = self.counters
         log.info(
             "events=%d samples=%d dead_letters=%d redeliveries=%d pushes=%d rewinds=%d "
-            "batches=%d busy_s=%s push_s=%.1f applied=%s",
+            "batches=%d busy_s=%s push_s=%.1f applied=%s not_owned=%d",
             counters.events, counters.samples, counters.dead_letters, counters.redeliveries,
             counters.pushes, counters.rewinds, counters.batches,
             {k: round(v, 1) for k, v in counters.phase_s.items()}, counters.push_s,
-            dict(sorted(self.ledger.positions().items())),
+            dict(sorted(self.ledger.positions().items())), counters.not_owned,
         )  # fmt: skip

@@ -92,6 +92,10 @@ STARTUP_PROBES: dict[str, Startup] = {
 # Compose services whose command is not in `hymirec --help` yet (being written), or that need a
 # pending one to start (the simulator needs the recommendation service).
 PENDING_COMMANDS: dict[str, str] = {}
+# Compose services that are replicas of a probed one: the same command and environment but for
+# their own instance id, so the original's start-up probe covers them (README: "Scaling out").
+REPLICAS: dict[str, str] = {"worker-1": "worker", "worker-2": "worker"}
+INSTANCE_IDS = {"HYMIREC_WORKER_INSTANCE_ID", "HYMIREC_SINK_INSTANCE_ID"}
 
 
 @functools.cache
@@ -184,10 +188,15 @@ def test_the_service_command_starts_in_the_embedded_mode(
 def test_every_hymirec_service_has_a_startup_probe_or_is_pending() -> None:
     in_compose = {s: " ".join(command(s)) for s in hymirec_services()}
     assert not set(STARTUP_PROBES) & set(PENDING_COMMANDS)
-    assert set(in_compose) == set(STARTUP_PROBES) | set(PENDING_COMMANDS), (
-        "every compose service that runs `hymirec` needs a STARTUP_PROBES row or a "
-        "PENDING_COMMANDS entry"
+    assert set(in_compose) == set(STARTUP_PROBES) | set(PENDING_COMMANDS) | set(REPLICAS), (
+        "every compose service that runs `hymirec` needs a STARTUP_PROBES row, a "
+        "PENDING_COMMANDS entry or a REPLICAS entry"
     )
+    for replica, original in REPLICAS.items():
+        assert original in STARTUP_PROBES and in_compose[replica] == in_compose[original]
+        mine, theirs = environment(replica), environment(original)
+        differs = {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
+        assert differs and differs <= INSTANCE_IDS, f"{replica} differs from {original}: {differs}"
     for service, cmd in PENDING_COMMANDS.items():
         assert in_compose[service] == cmd, f"{service}: compose runs `{in_compose[service]}`"
         # A command that exists can still wait for a pending one it needs to start.

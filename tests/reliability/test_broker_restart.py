@@ -77,7 +77,7 @@ def running_broker(folder: Path) -> Iterator[tuple[LocalBroker, Settings]]:
             "data_dir": folder / "data",
             "broker_host": broker.host,
             "broker_port": broker.port,
-            "topic_partitions": 4,
+            "events_topic_partitions": 4,
         }
         settings = Settings(**values)
         ensure_topics(settings)
