@@ -160,7 +160,7 @@ def render(args: argparse.Namespace, runs: list[Run], load: tuple[float, float])
         f"## Stream workers scaled out by partitions — {when} — {machine()}",
         "",
         f"Command: `{command}`. 1-min load {load[0]:.2f} before the run, {load[1]:.2f} after "
-        "(a shared machine: other engineers' tests ran; not quiet).",
+        "(every process here shares the machine's cores: say in a note what else ran).",
         "",
         f"{runs[0].events:,} MovieLens-100K ratings produced as fast as possible into "
         f"{args.partitions} partitions of one noida-db broker, until every user's online "
@@ -183,7 +183,8 @@ def render(args: argparse.Namespace, runs: list[Run], load: tuple[float, float])
     per_core = min(run.events_per_cpu_s for run in runs)  # the most conservative row
     lines += [
         "",
-        "Caveat: 2 cores for every process (workers, broker, producer, Feast's SQLite writes), "
+        f"Caveat: {len(os.sched_getaffinity(0))} cores for every process (workers, broker, "
+        "producer, Feast's SQLite writes), "
         "so rows past one or two workers split the same cores; they show that partitions move "
         "to the new members and that CPU per event stays put, not cluster scaling. Feast here "
         "is one SQLite file every worker writes (production: Redis).",

@@ -220,7 +220,7 @@ def assert_exact_trainer(settings: Settings, stream: Stream) -> None:
     "ratings",
     [
         pytest.param(6_000, marks=pytest.mark.timeout(240)),
-        pytest.param(30_000, marks=[pytest.mark.slow, pytest.mark.timeout(600)]),
+        pytest.param(30_000, marks=[pytest.mark.slow, pytest.mark.timeout(300)]),
     ],
 )
 def test_replicas_share_partitions_and_results_stay_exact(
