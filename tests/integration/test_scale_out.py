@@ -135,7 +135,7 @@ def run_scale_out(settings: Settings, stack: Stack, stream: Stream) -> dict[str,
         wait_until(lambda: logged(trainer, "trainer ready"), DEADLINE_S, "the trainer")
         produce(settings, chunks[0])
         wait_until(progress_past(0), DEADLINE_S, "worker-0 to apply chunk 1")
-        # 1 -> 3 workers, then 1 -> 2 sinks, while chunk 2 streams.
+        # 1 -> 3 workers and 1 -> 2 sinks while chunk 2 streams.
         joined = [stack.start_worker(name) for name in ("worker-1", "worker-2")]
         sink1 = stack.start_sink("sink-1")
         produce(settings, chunks[1])
