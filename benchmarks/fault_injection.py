@@ -10,7 +10,7 @@ the restart; "window" = that count at the run's acknowledgement rate. Also measu
 broker, the delay from one acknowledged record to the next save of its state file
 (``<data>/kafka.json``, written to a temporary file and renamed).
 
-Part 2 (``--chaos``), the pipeline: ``tests/reliability/test_no_loss_under_kills.py``'s scenario
+Part 2 (``--chaos``), the pipeline: ``tests/integration/test_no_loss_under_kills.py``'s scenario
 on a fresh broker: 100,000 ML-100K ratings and 500 impressions through the Faust worker, the
 ClickHouse sink and the trainer (``popular``), each SIGKILLed 3 times at random moments and
 restarted; the figures of that run, after checking its counts as the test does (histories,
@@ -55,7 +55,7 @@ from streaming.broker import LocalBroker
 from tests.conftest import free_port
 
 if TYPE_CHECKING:
-    from tests.reliability.test_no_loss_under_kills import Stream
+    from tests.integration.test_no_loss_under_kills import Stream
 
 TOPIC = "durability"
 
@@ -231,7 +231,7 @@ def chaos_section(seed: int) -> str:
     from features.item_features import build_item_features
     from streaming.kafka_io import ensure_topics
     from tests.conftest import EMBEDDING_CACHE
-    from tests.reliability.test_no_loss_under_kills import build_stream, run_chaos
+    from tests.integration.test_no_loss_under_kills import build_stream, run_chaos
 
     with tempfile.TemporaryDirectory(prefix="hymirec-chaos-") as tmp:
         broker = LocalBroker(Path(tmp) / "broker", port=free_port())

@@ -6,7 +6,7 @@
    the settings look, the GPU reservation, start-up order on health.
 3. Every service's environment builds the one settings object (a misspelt HYMIREC_* name fails)
    and agrees with Kafka, ClickHouse, Redis and Feast as the file configures them.
-Every service's command starting in the embedded mode: tests/test_docker_startup.py.
+Every service's command starting in the embedded mode: tests/integration/test_docker_startup.py.
 """
 
 from __future__ import annotations

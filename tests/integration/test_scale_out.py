@@ -44,7 +44,7 @@ from model.checkpoint_registry import CheckpointRegistry
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.worker import UserHistoryWorker
 from tests.conftest import free_port, wait_until
-from tests.reliability.test_no_loss_under_kills import TRAINED_MODEL, Probes, Stream, build_stream
+from tests.integration.test_no_loss_under_kills import TRAINED_MODEL, Probes, Stream, build_stream
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from model.data import build_catalog
 from simulator.grounded import grounded_population
 from tests.conftest import EMBEDDING_CACHE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_personalised_lists_beat_popular_and_the_oracle_beats_them(

@@ -1,7 +1,7 @@
 """`hymirec features serve` as its own process, read over HTTP by the decoding client.
 
 Every ML-100K user's history is written to the online store as the stream worker writes it (the
-worker itself replaying all ratings into Feast is tests/streaming/test_pipeline.py); then each
+worker itself replaying all ratings into Feast is tests/integration/test_pipeline.py); then each
 user's row and decoded long history over HTTP must equal the in-process read, bad requests must
 get a 4xx, and the server must keep answering while `hymirec features build` republishes a new
 codebook, after which rows coded with the old one still decode as before.

@@ -23,9 +23,9 @@ from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.replay import movielens_events, replay_events
 from streaming.worker import EXIT_BATCH_FAILED
 from tests.conftest import committed_offsets, end_offsets, wait_until
-from tests.streaming.test_pipeline import read_topic
+from tests.integration.test_pipeline import read_topic
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 EVENTS = 30_000
 

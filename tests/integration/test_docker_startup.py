@@ -126,14 +126,27 @@ EMBEDDED_FIELDS |= {
 }
 
 
-def embedded_settings(service: str, make_settings: Callable[..., Settings]) -> Settings:
-    """The service's own settings from the compose file, with embedded endpoints, free ports and
-    consumer groups of its own on the session broker."""
+# Settings every service of one stack shares: its data folder (features-init writes the feature
+# repository the others read), its topics and its worker's app id.
+SHARED_FIELDS = ("data_dir", "events_topic", "dead_letter_topic", "training_topic", "faust_app_id")
+# chdb lets one process own a ClickHouse folder: in the stack both talk to one server, here each
+# gets a data folder of its own (neither reads the feature repository).
+OWN_DATA_DIR = {"sink", "readout-publisher"}
+
+
+def embedded_settings(
+    service: str, make_settings: Callable[..., Settings], stack: Settings, tmp_path: Path
+) -> Settings:
+    """The service's own settings from the compose file, with embedded endpoints, free ports,
+    consumer groups of its own on the session broker, and the stack's shared fields."""
     production = settings_of(service).model_dump(exclude_unset=True)
     values = {k: v for k, v in production.items() if k not in EMBEDDED_FIELDS}
     fields = [f for f in Settings.model_fields if f != "broker_port"]
     values |= {f: free_port() for f in fields if f.endswith("_port")}
     values |= {f: f"{f}-{uuid.uuid4().hex[:8]}" for f in fields if f.endswith("_group_id")}
+    values |= {f: getattr(stack, f) for f in SHARED_FIELDS}
+    if service in OWN_DATA_DIR:
+        values["data_dir"] = tmp_path / service
     return make_settings(**values)
 
 
@@ -145,37 +158,59 @@ def start(service: str, settings: Settings) -> Running:
     return Running(service, ServiceProcess(service, args[1:], settings).start(), settings)
 
 
-def wait_ready(run: Running, probe: Startup) -> None:
-    what = f"`{' '.join(command(run.service))}` ({run.service}) to be up"
+def waves(probes: dict[str, Startup]) -> list[list[str]]:
+    """The services in start order, as compose starts them: each wave once every service its
+    members wait for (``after``) is up."""
+    order: list[list[str]] = []
+    done: set[str] = set()
+    while len(done) < len(probes):
+        wave = sorted(s for s in probes if s not in done and set(probes[s].after) <= done)
+        assert wave, f"a cycle in the start-up order: {sorted(set(probes) - done)}"
+        order.append(wave)
+        done |= set(wave)
+    return order
 
-    def up() -> bool:
+
+def wait_ready(runs: list[Running]) -> None:
+    """Wait until every run's probe holds (or it exited, or its log says it will not come up)."""
+
+    def pending() -> list[Running]:
+        return [run for run in runs if not settled(run)]
+
+    def settled(run: Running) -> bool:
+        probe = STARTUP_PROBES[run.service]
         if not run.process.alive() or (probe.fails_on and probe.fails_on in run.process.tail()):
             return True
         return not probe.one_shot and probe.ready(run)
 
     try:
-        wait_until(up, 300 if probe.one_shot else 180, what, every_s=0.5)
+        wait_until(lambda: not pending(), 240, "the services to be up", every_s=0.5)
     except pytest.fail.Exception as exc:
-        pytest.fail(f"{exc}; its log ends:\n{run.process.tail()}")
-    assert probe.one_shot or run.process.alive(), f"{run.service} exited:\n{run.process.tail()}"
-    assert probe.ready(run), f"{run.service} is not ready:\n{run.process.tail()}"
+        late = "\n".join(f"{run.service}:\n{run.process.tail()}" for run in pending())
+        pytest.fail(f"{exc}; still not up:\n{late}")
+    for run in runs:
+        probe = STARTUP_PROBES[run.service]
+        assert probe.one_shot or run.process.alive(), f"{run.service} exited:\n{run.process.tail()}"
+        assert probe.ready(run), f"{run.service} is not ready:\n{run.process.tail()}"
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("service", sorted(STARTUP_PROBES))
-def test_the_service_command_starts_in_the_embedded_mode(
-    service: str,
-    make_settings: Callable[..., Settings],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+@pytest.mark.timeout(420)
+def test_every_service_command_starts_in_the_embedded_mode(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """The whole stack once, wave by wave as compose starts it; then each stops cleanly."""
     monkeypatch.chdir(tmp_path)  # Faust keeps its scratch folder in the working directory
-    settings = embedded_settings(service, make_settings)
+    stack = make_settings()
     started: list[Running] = []
     try:
-        for name in [*STARTUP_PROBES[service].after, service]:
-            started.append(run := start(name, settings))
-            wait_ready(run, STARTUP_PROBES[name])
+        for wave in waves(STARTUP_PROBES):
+            runs = [
+                start(name, embedded_settings(name, make_settings, stack, tmp_path))
+                for name in wave
+            ]
+            started += runs
+            wait_ready(runs)
         for run in reversed(started):
             assert run.process.stop() == 0, (
                 f"{run.service} did not stop cleanly:\n{run.process.tail()}"

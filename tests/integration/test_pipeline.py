@@ -27,7 +27,7 @@ from streaming.kafka_io import EventProducer, ensure_topics, event_key
 from streaming.replay import movielens_events, replay_events
 from streaming.schema import Event
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float = 60) -> list:
