@@ -170,7 +170,7 @@ class Probe:
     def committed(self, name: str, user: int) -> int:
         # Events and training samples are keyed by user (str(user_id)) and partitioned by
         # murmur2, as the Java client, kafka-python and aiokafka all do.
-        partition = (murmur2(event_key(user)) & 0x7FFFFFFF) % self.settings.topic_partitions
+        partition = (murmur2(event_key(user)) & 0x7FFFFFFF) % self.settings.events_topic_partitions
         tp = TopicPartition(self.groups[name][1], partition)
         return int(self.consumers[name].committed(tp) or 0)
 

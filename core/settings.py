@@ -281,12 +281,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def topic_partitions(self) -> int:
-        """The events topic's partitions, under the name of the retired setting, for code that
-        still reads it (being renamed): use ``events_topic_partitions``."""
-        return self.events_topic_partitions
-
-    @property
     def broker_dir(self) -> Path:
         return self.data_dir.resolve() / "broker"
 

@@ -50,7 +50,10 @@ def committed_offsets(settings: Settings, group_id: str) -> dict[TopicPartition,
         bootstrap_servers=settings.kafka_bootstrap, group_id=group_id, enable_auto_commit=False
     )
     try:
-        parts = [TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)]
+        parts = [
+            TopicPartition(settings.events_topic, p)
+            for p in range(settings.events_topic_partitions)
+        ]
         return {tp: consumer.committed(tp) for tp in parts}
     finally:
         consumer.close()
@@ -97,10 +100,6 @@ def make_settings(tmp_path: Path, broker: LocalBroker) -> Callable[..., Settings
             "events_topic_partitions": 4,
             "training_topic_partitions": 4,
         }
-        # The retired setting's name, as tests written before the split pass it: both topics.
-        if "topic_partitions" in overrides:
-            count = overrides.pop("topic_partitions")
-            values |= {"events_topic_partitions": count, "training_topic_partitions": count}
         values.update(overrides)
         return Settings(**values)
 

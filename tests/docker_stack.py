@@ -1,6 +1,7 @@
 """The production stack's files (docker/compose.yaml and the Dockerfiles) as the tests read them:
 the services, their environment with Compose's variable substitution, and the settings object
-each service builds from it. Shared by tests/test_docker.py and tests/integration/test_docker_startup.py."""
+each service builds from it. Shared by tests/test_docker.py and
+tests/integration/test_docker_startup.py."""
 
 from __future__ import annotations
 

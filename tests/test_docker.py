@@ -267,7 +267,7 @@ def test_kafka_matches_what_the_clients_expect() -> None:
     kafka, settings = environment("kafka"), settings_of("worker")
     assert f"PLAINTEXT://{settings.kafka_bootstrap}" in kafka["KAFKA_ADVERTISED_LISTENERS"]
     assert kafka["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{kafka['KAFKA_NODE_ID']}@kafka:")
-    assert int(kafka["KAFKA_NUM_PARTITIONS"]) == settings.topic_partitions
+    assert int(kafka["KAFKA_NUM_PARTITIONS"]) == settings.events_topic_partitions
     assert int(kafka["KAFKA_MESSAGE_MAX_BYTES"]) >= settings.max_message_bytes
     assert int(kafka["KAFKA_REPLICA_FETCH_MAX_BYTES"]) >= settings.max_message_bytes
 

@@ -273,7 +273,9 @@ def test_pipeline_health_on_the_broker(make_settings: Callable[..., Settings]) -
         dead_letters.send(settings.dead_letter_topic, value=b"{}").get(timeout=30)
     finally:
         dead_letters.close()
-    parts = [TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)]
+    parts = [
+        TopicPartition(settings.events_topic, p) for p in range(settings.events_topic_partitions)
+    ]
     committer = KafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=settings.sink_group_id,
@@ -294,7 +296,7 @@ def test_pipeline_health_on_the_broker(make_settings: Callable[..., Settings]) -
     assert first.dead_letter_records == 1
     lags = {lag.role: lag for lag in first.consumer_lag}
     assert lags["ClickHouse sink"].lag == total - sum(committed.values())
-    assert lags["ClickHouse sink"].committed_partitions == settings.topic_partitions
+    assert lags["ClickHouse sink"].committed_partitions == settings.events_topic_partitions
     assert lags["stream worker"].lag == 35 and lags["stream worker"].committed_partitions == 0
     assert lags["trainer"].lag == 0 and lags["trainer"].topic == settings.training_topic
 

@@ -138,7 +138,9 @@ def read_log(settings: Settings) -> Counter[uuid.UUID]:
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
-    parts = [TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)]
+    parts = [
+        TopicPartition(settings.events_topic, p) for p in range(settings.events_topic_partitions)
+    ]
     consumer.assign(parts)
     ends = consumer.end_offsets(parts)
     seen: Counter[uuid.UUID] = Counter()

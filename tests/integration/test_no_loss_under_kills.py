@@ -130,7 +130,7 @@ class Probes:
         return sum(r.history_len for r in rows.values() if r is not None)
 
     def sink_committed(self) -> int:
-        topic, parts = self.settings.events_topic, range(self.settings.topic_partitions)
+        topic, parts = self.settings.events_topic, range(self.settings.events_topic_partitions)
         return sum(self._offsets.committed(TopicPartition(topic, p)) or 0 for p in parts)
 
     def trainer_samples(self) -> int:
@@ -155,7 +155,7 @@ class Probes:
         return sum(self.end_offsets(self.settings.training_topic).values()) - learned
 
     def end_offsets(self, topic: str) -> dict[int, int]:
-        parts = [TopicPartition(topic, p) for p in range(self.settings.topic_partitions)]
+        parts = [TopicPartition(topic, p) for p in range(self.settings.events_topic_partitions)]
         return {tp.partition: o for tp, o in self._offsets.end_offsets(parts).items()}
 
     def close(self) -> None:
@@ -414,7 +414,10 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
     digest = sum(e.event_id.int for e in positives) % 2**64
     assert meta["sample_digest"] == f"{digest:016x}"
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    parts = [TopicPartition(settings.training_topic, p) for p in range(settings.topic_partitions)]
+    parts = [
+        TopicPartition(settings.training_topic, p)
+        for p in range(settings.training_topic_partitions)
+    ]
     ends = {tp.partition: o for tp, o in consumer.end_offsets(parts).items()}
     consumer.close()
     assert {int(p): o for p, o in meta["offsets"].items()} == ends

@@ -39,7 +39,7 @@ def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float =
         fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=32 * 1024 * 1024,
     )
-    partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+    partitions = [TopicPartition(topic, p) for p in range(settings.events_topic_partitions)]
     consumer.assign(partitions)
     records: list = []
     deadline = time.monotonic() + timeout_s

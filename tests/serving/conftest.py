@@ -209,7 +209,7 @@ def read_impressions(
         auto_offset_reset="earliest",
         consumer_timeout_ms=500,
     )
-    partitions = range(settings.topic_partitions)
+    partitions = range(settings.events_topic_partitions)
     consumer.assign([TopicPartition(settings.events_topic, p) for p in partitions])
     found: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s

@@ -121,7 +121,7 @@ def read_events(settings: Settings, timeout_s: float = 30) -> list[Event]:
         enable_auto_commit=False,
     )
     partitions = [
-        TopicPartition(settings.events_topic, p) for p in range(settings.topic_partitions)
+        TopicPartition(settings.events_topic, p) for p in range(settings.events_topic_partitions)
     ]
     consumer.assign(partitions)
     total = sum(consumer.end_offsets(partitions).values())

@@ -135,7 +135,7 @@ def _one_ring(consumer: KafkaConsumer, settings: Settings, value: bytes) -> floa
 def test_an_idle_kafka_python_consumer_wakes_on_the_producers_ring(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(topic_partitions=1)
+    settings = make_settings(events_topic_partitions=1, training_topic_partitions=1)
     ensure_topics(settings)
     consumer = KafkaConsumer(
         settings.events_topic,
@@ -166,7 +166,7 @@ def test_an_idle_kafka_python_consumer_wakes_on_the_producers_ring(
 def test_an_idle_faust_style_aiokafka_consumer_wakes_on_the_producers_ring(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(topic_partitions=1)
+    settings = make_settings(events_topic_partitions=1, training_topic_partitions=1)
     ensure_topics(settings)
     install_aiokafka_backoff(LONG_CAP_MS)
 

@@ -160,7 +160,7 @@ def counted_fetches(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], in
 def test_an_idle_consumer_fetches_at_most_once_per_cap_and_still_gets_the_next_record(
     make_settings: Callable[..., Settings], counted_fetches: Callable[[], int]
 ) -> None:
-    settings = make_settings(topic_partitions=1)
+    settings = make_settings(events_topic_partitions=1, training_topic_partitions=1)
     ensure_topics(settings)
 
     async def idle_then_one_record() -> tuple[int, float, bytes | None]:
