@@ -11,8 +11,11 @@ seed). Appends the tables with the date, the machine, the load and the protocol 
 ``benchmarks/RESULTS.md``.
 
 Run from the repository root: ``python -m benchmarks.controlled_interests [--interests 1 2 4 8]
-[--seeds 0 1 2] [--models sasrec hymirec] [--epochs E] [--patience P] [--users U] [--stay S]
-[--spread X] [--results PATH]``. Torch runs on one thread (the machine's cores are shared).
+[--seeds 0 1 2] [--models sasrec hymirec hymirec:interests=8] [--epochs E] [--patience P]
+[--users U] [--stay S] [--spread X] [--results PATH]``; a model may be a variant with config
+overrides, as in ``benchmarks.offline_eval --variants``. Torch runs on one thread (the machine's
+cores are shared). Sized for 2 CPU cores: the defaults (SASRec and HyMiRec, 12 worlds) took
+23 min beside two other runs at a 1-minute load of 2.8-3.6 (2026-12-05); HSTU adds about a third.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.offline_eval import machine_now, mean_std
+from benchmarks.offline_eval import Variant, machine_now, mean_std, variant_argument
 from benchmarks.report import append_section
 from model.base import Batch
 from model.data import evaluation_batches
@@ -40,7 +43,6 @@ from model.synthetic_interests import (
     generate_interest_world,
     next_item_probabilities,
 )
-from model.training.offline import train_and_evaluate
 
 COVERAGE_N = 50
 METRICS = (("R@50", "recall@50"), ("NDCG@10", "ndcg@10"), ("cov@50", "coverage"))
@@ -109,18 +111,9 @@ def oracle_cell(world: InterestWorld) -> Cell:
     return metrics
 
 
-def model_cell(name: str, world: InterestWorld, seed: int, args: argparse.Namespace) -> Cell:
-    """Train ``name`` on the world with the shared budget; its test metrics and costs."""
-    run = train_and_evaluate(
-        name,
-        world.catalog,
-        world.data,
-        seed=seed,
-        epochs=args.epochs,
-        device="cpu",
-        batch_size=args.batch_size,
-        patience=args.patience,
-    )
+def model_cell(variant: Variant, world: InterestWorld, seed: int, args: argparse.Namespace) -> Cell:
+    """Train ``variant`` on the world with the shared budget; its test metrics and costs."""
+    run = variant.train(world.catalog, world.data, seed, args)
     model = run.model.eval()
     metrics = dict(run.test)
     metrics["coverage"] = interest_coverage(
@@ -184,7 +177,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--interests", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--models", nargs="+", default=["sasrec", "hymirec"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        type=variant_argument,
+        default=[Variant("sasrec"), Variant("hymirec")],
+        help="model names or variants MODEL:KEY=VALUE,... (as benchmarks.offline_eval)",
+    )
     parser.add_argument("--epochs", type=int, default=30, help="at most, per run")
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -205,8 +204,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if "sasrec" not in args.models:
-        args.models.insert(0, "sasrec")  # the gains are over SASRec
+    if Variant("sasrec") not in args.models:
+        args.models.insert(0, Variant("sasrec"))  # the gains are over SASRec
+    labels = [variant.label for variant in args.models]
     torch.set_num_threads(1)
     started, tick = machine_now(), time.perf_counter()
     results: Results = {}
@@ -214,11 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             world = generate_interest_world(world_config(args, k, seed))
             results.setdefault((ORACLE, k), []).append(oracle_cell(world))
-            for name in args.models:
-                cell = model_cell(name, world, seed, args)
-                results.setdefault((name, k), []).append(cell)
+            for variant in args.models:
+                cell = model_cell(variant, world, seed, args)
+                results.setdefault((variant.label, k), []).append(cell)
                 print(
-                    f"K={k} seed {seed} {name}: R@50 {cell['recall@50']:.4f} NDCG@10 "
+                    f"K={k} seed {seed} {variant.label}: R@50 {cell['recall@50']:.4f} NDCG@10 "
                     f"{cell['ndcg@10']:.4f} cov {cell['coverage']:.3f} ({cell['train_s']:.0f} s, "
                     f"{time.perf_counter() - tick:.0f} s in all)",
                     file=sys.stderr,
@@ -253,11 +253,11 @@ def main(argv: list[str] | None = None) -> None:
             "",
             protocol,
             "",
-            metrics_table(results, args.models, args.interests),
+            metrics_table(results, labels, args.interests),
             "",
             "Gain over SASRec (paired by seed; positive = better than SASRec):",
             "",
-            gain_table(results, args.models, args.interests),
+            gain_table(results, labels, args.interests),
             "",
         ]
     )
