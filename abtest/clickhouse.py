@@ -264,8 +264,8 @@ def chdb_owner_pid(dsn: str) -> int | None:
 
 
 def open_client(settings: Settings) -> Client:
-    """A clickhouse-connect client for ``settings.clickhouse_dsn`` (a server or chdb)."""
-    dsn = settings.clickhouse_dsn
+    """A clickhouse-connect client for ``settings.clickhouse.dsn`` (a server or chdb)."""
+    dsn = settings.clickhouse.dsn
     try:
         return clickhouse_connect.get_client(dsn=dsn)
     except (ClickHouseError, OSError) as exc:

@@ -74,7 +74,7 @@ def freshness_point(settings: Settings, snapshot: PipelineSnapshot) -> Freshness
         (
             c.lag
             for c in snapshot.consumer_lag
-            if c.group == settings.trainer_group_id and c.topic == settings.training_topic
+            if c.group == settings.trainer.group_id and c.topic == settings.kafka.training_topic
         ),
         None,
     )

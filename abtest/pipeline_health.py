@@ -29,16 +29,16 @@ __all__ = ["consumer_groups", "pipeline_health"]
 def consumer_groups(settings: Settings) -> list[tuple[str, str, str]]:
     """(group id, role, topic) of every consumer group whose lag the dashboard shows."""
     return [
-        (settings.faust_app_id, "stream worker", settings.events_topic),
-        (settings.sink_group_id, "ClickHouse sink", settings.events_topic),
-        (settings.trainer_group_id, "trainer", settings.training_topic),
+        (settings.worker.app_id, "stream worker", settings.kafka.events_topic),
+        (settings.sink.group_id, "ClickHouse sink", settings.kafka.events_topic),
+        (settings.trainer.group_id, "trainer", settings.kafka.training_topic),
     ]
 
 
 @contextmanager
 def _consumer(settings: Settings, timeout_ms: int, **config: Any) -> Iterator[KafkaConsumer]:
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         client_id="hymirec-readout-publisher",
         enable_auto_commit=False,
         allow_auto_create_topics=False,
@@ -124,14 +124,18 @@ def pipeline_health(
     base: dict[str, Any] = {
         "schema_version": SNAPSHOT_SCHEMA_VERSION,
         "generated_at_ms": now_ms,
-        "bootstrap": settings.kafka_bootstrap,
-        "events_topic": settings.events_topic,
-        "dead_letter_topic": settings.dead_letter_topic,
+        "bootstrap": settings.kafka.bootstrap,
+        "events_topic": settings.kafka.events_topic,
+        "dead_letter_topic": settings.kafka.dead_letter_topic,
     }
     try:
         with _consumer(settings, timeout_ms) as probe:
             known = set(probe.topics())
-            topics = {settings.events_topic, settings.dead_letter_topic, settings.training_topic}
+            topics = {
+                settings.kafka.events_topic,
+                settings.kafka.dead_letter_topic,
+                settings.kafka.training_topic,
+            }
             parts = {t: _partitions(probe, t, known) for t in topics}
             everything = [tp for tps in parts.values() for tp in tps]
             end = probe.end_offsets(everything, timeout_ms=timeout_ms) if everything else {}
@@ -151,9 +155,9 @@ def pipeline_health(
             dead_letter_records=None,
             consumer_lag=[],
         )
-    events_parts = parts[settings.events_topic]
+    events_parts = parts[settings.kafka.events_topic]
     events_end = sum(end.get(tp, 0) for tp in events_parts) if events_parts else None
-    dead_parts = parts[settings.dead_letter_topic]
+    dead_parts = parts[settings.kafka.dead_letter_topic]
     dead = sum(end.get(tp, 0) - begin.get(tp, 0) for tp in dead_parts) if dead_parts else None
     rate, interval_s = _rate(previous, events_end, now_ms)
     return PipelineSnapshot(

@@ -121,7 +121,7 @@ def publish_readouts(
     for name in sorted(set(experiment_names(client)) | set(plans)):
         try:
             previous = previous_sequential_states(out_dir, name)
-            metrics = user_metrics(client, name, pre_days=settings.cuped_pre_days)
+            metrics = user_metrics(client, name, pre_days=settings.readout.cuped_pre_days)
             snapshot = build_snapshot(
                 metrics,
                 request_guardrails(client, name),
@@ -170,7 +170,7 @@ class ReadoutPublisher:
         every_s: float | None = None,
     ) -> None:
         self.settings, self.client, self.plans = settings, client, dict(plans or {})
-        self.every_s = every_s if every_s is not None else settings.readout_publish_s
+        self.every_s = every_s if every_s is not None else settings.readout.publish_s
         self._next = 0.0  # the first call publishes
         self.publishes = 0
 

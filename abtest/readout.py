@@ -56,6 +56,7 @@ from abtest.stats import (
 )
 from core.errors import DataError, ExperimentConfigError
 from core.settings import Settings
+from core.settings_groups import ReadoutSettings
 
 __all__ = [
     "COVARIATE",
@@ -330,7 +331,8 @@ def experiment_readout(
 
     ``source`` is an open client or the settings (then a client is opened and closed here, which
     on chdb fails with an AnalyticsError while another process, such as the sink, holds the
-    directory). ``pre_days`` defaults to ``settings.cuped_pre_days`` (its default with a client).
+    directory). ``pre_days`` defaults to ``settings.readout.cuped_pre_days`` (its default with a
+    client).
     Given ``configured`` (the experiments file's names, as ``hymirec readout`` passes them), an
     experiment with no exposed users that is not among them is an ExperimentConfigError naming
     the experiments that exist (configured, and with exposures). With settings and no ``previous``,
@@ -338,14 +340,14 @@ def experiment_readout(
     written: only the publisher advances them).
     """
     if isinstance(source, Settings):
-        days = pre_days if pre_days is not None else source.cuped_pre_days
+        days = pre_days if pre_days is not None else source.readout.cuped_pre_days
         if previous is None:
             previous = previous_sequential_states(source.readouts_dir, experiment)
         with analytics_client(source) as client:
             sums = variant_sums(client, experiment, pre_days=days)
             _check_known(client, experiment, sums, configured)
     else:
-        default_days = Settings.model_fields["cuped_pre_days"].default
+        default_days = ReadoutSettings.model_fields["cuped_pre_days"].default
         days = pre_days if pre_days is not None else default_days
         sums = variant_sums(source, experiment, pre_days=days)
         _check_known(source, experiment, sums, configured)

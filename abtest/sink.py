@@ -127,7 +127,8 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class EventSink:
-    """Consume ``settings.events_topic`` in group ``settings.sink_group_id`` into ``client``."""
+    """Consume ``settings.kafka.events_topic`` in group ``settings.sink.group_id`` into
+    ``client``."""
 
     def __init__(
         self,
@@ -152,22 +153,22 @@ class EventSink:
         fix_group_join()  # a join that completes between two polls must not be thrown away
         try:
             self._consumer = KafkaConsumer(
-                bootstrap_servers=settings.kafka_bootstrap,
-                group_id=settings.sink_group_id,
-                group_instance_id=settings.sink_instance_id,
+                bootstrap_servers=settings.kafka.bootstrap,
+                group_id=settings.sink.group_id,
+                group_instance_id=settings.sink.instance_id,
                 client_id="hymirec-clickhouse-sink",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
-                max_poll_records=settings.sink_batch_size,
-                max_partition_fetch_bytes=settings.max_message_bytes,
-                fetch_max_bytes=max(settings.max_message_bytes, 64 * 1024 * 1024),
+                max_poll_records=settings.sink.batch_size,
+                max_partition_fetch_bytes=settings.kafka.max_message_bytes,
+                fetch_max_bytes=max(settings.kafka.max_message_bytes, 64 * 1024 * 1024),
             )
-            self._consumer.subscribe([settings.events_topic], listener=_FlushOnRevoke(self))
+            self._consumer.subscribe([settings.kafka.events_topic], listener=_FlushOnRevoke(self))
             # The embedded broker answers an empty fetch at once: pause after empty ones.
-            install_kafka_python_backoff(self._consumer, settings.kafka_empty_fetch_backoff_ms)
+            install_kafka_python_backoff(self._consumer, settings.kafka.empty_fetch_backoff_ms)
         except KafkaError as exc:
             raise BrokerError(
-                f"sink cannot reach Kafka at {settings.kafka_bootstrap}: {exc}"
+                f"sink cannot reach Kafka at {settings.kafka.bootstrap}: {exc}"
             ) from exc
 
     def run(
@@ -175,11 +176,11 @@ class EventSink:
     ) -> SinkStats:
         """Consume until ``stop`` is set or no record arrived for ``max_idle_s``; then flush."""
         stop = stop or threading.Event()
-        window_s = self.settings.sink_batch_window_s
+        window_s = self.settings.sink.batch_window_s
         last_record = time.monotonic()
         try:
             while not stop.is_set():
-                room = self.settings.sink_batch_size - len(self._pending)
+                room = self.settings.sink.batch_size - len(self._pending)
                 polled = self._poll(room)
                 if self.failure is not None:
                     raise self.failure
@@ -192,7 +193,7 @@ class EventSink:
                     self._pending.extend(polled)
                 started = self._batch_started
                 if self._pending and (
-                    len(self._pending) >= self.settings.sink_batch_size
+                    len(self._pending) >= self.settings.sink.batch_size
                     or (started is not None and now - started >= window_s)
                 ):
                     self.flush()
@@ -223,7 +224,9 @@ class EventSink:
         try:
             batches = self._consumer.poll(timeout_ms=_POLL_MS, max_records=max_records)
         except KafkaError as exc:
-            raise BrokerError(f"sink poll of {self.settings.events_topic} failed: {exc}") from exc
+            raise BrokerError(
+                f"sink poll of {self.settings.kafka.events_topic} failed: {exc}"
+            ) from exc
         records = [r for part in batches.values() for r in part]
         self.stats.records += len(records)
         return records
@@ -292,7 +295,7 @@ class EventSink:
         """Valid events; an ``exposure`` (one served list) as the impressions it stands for."""
         for r in records:
             try:
-                event = parse_event(r.value, self.settings.max_event_bytes)
+                event = parse_event(r.value, self.settings.kafka.max_event_bytes)
                 is_exposure = event.event_type == "exposure"
                 yield from exposure_impressions(event) if is_exposure else [event]
             except InvalidEvent as exc:
@@ -326,7 +329,7 @@ class EventSink:
         except KafkaError as exc:
             log.warning("sink consumer close failed: %s", exc)
         settings = self.settings
-        leave_group(settings.kafka_bootstrap, settings.sink_group_id, settings.sink_instance_id)
+        leave_group(settings.kafka.bootstrap, settings.sink.group_id, settings.sink.instance_id)
 
 
 @contextmanager
@@ -357,7 +360,7 @@ def run_sink(
     """Open ClickHouse (creating the schema), load ``items`` if given, and run the sink.
 
     With ``publish_readouts`` the sink also writes the readout snapshots every
-    ``settings.readout_publish_s`` (``abtest.publish``; ``plans``: the configured experiments'
+    ``settings.readout.publish_s`` (``abtest.publish``; ``plans``: the configured experiments'
     weights and controls), since on chdb no other process can read the directory while it runs.
     Without ``stop``, SIGTERM and SIGINT stop it cleanly. Returns the final counts.
     """

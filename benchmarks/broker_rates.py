@@ -64,7 +64,7 @@ def raw_consume_kafka_python(settings: Settings, topic: str, n: int) -> float:
         "on_partitions_revoked": lambda _, r: None,
     })()  # fmt: skip
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         group_id=f"bench-kafka-python-{uuid.uuid4().hex[:6]}",
         auto_offset_reset="earliest",
     )
@@ -88,7 +88,7 @@ def raw_consume_aiokafka(settings: Settings, topic: str, n: int) -> float:
 
     async def consume() -> float:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            bootstrap_servers=settings.kafka.bootstrap,
             group_id=f"bench-aiokafka-{uuid.uuid4().hex[:6]}",
             auto_offset_reset="earliest",
         )

@@ -58,8 +58,10 @@ def prepare(data_dir: Path) -> tuple[Settings, list[int]]:
     rows = [
         UserHistoryFeatures(
             user_id=user,
-            recent_item_ids=items[-settings.recent_len :].tolist(),
-            long_codes=built.codebook.pack(built.table.lookup(items[-settings.long_len :])),
+            recent_item_ids=items[-settings.features.recent_len :].tolist(),
+            long_codes=built.codebook.pack(
+                built.table.lookup(items[-settings.features.long_len :])
+            ),
             history_len=len(items),
             last_ts_ms=len(items),
             last_offset=user,

@@ -50,6 +50,7 @@ from benchmarks.pipeline_throughput import cpu_s, free_port, history_lens
 from benchmarks.report import append_section, machine
 from core.errors import HymirecError
 from core.settings import Settings
+from core.settings_groups import KafkaSettings
 from features.item_features import build_item_features
 from features.store import FeatureStoreClient
 from hymirec.processes import ServiceProcess
@@ -118,7 +119,7 @@ class Stack:
 def running_stack(settings: Settings, base: Path) -> Iterator[Stack]:
     for folder in ("codebook", "feast"):  # item features built once, in ``base``
         shutil.copytree(base / folder, settings.data_dir / folder)
-    broker = LocalBroker(settings.broker_dir, settings.broker_host, settings.broker_port)
+    broker = LocalBroker(settings.broker_dir, settings.broker.host, settings.broker.port)
     stack = Stack(settings, broker)
     stack.broker_pid = broker.start().pid
     try:
@@ -153,12 +154,12 @@ class Probe:
         self.settings = settings
         self.store = FeatureStoreClient(settings)
         self.groups = {
-            "sink": (settings.sink_group_id, settings.events_topic),
-            "trainer": (settings.trainer_group_id, settings.training_topic),
+            "sink": (settings.sink.group_id, settings.kafka.events_topic),
+            "trainer": (settings.trainer.group_id, settings.kafka.training_topic),
         }
         self.consumers = {
             name: KafkaConsumer(
-                bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
+                bootstrap_servers=settings.kafka.bootstrap, group_id=group, enable_auto_commit=False
             )  # never subscribes: it only reads the group's committed offsets
             for name, (group, _) in self.groups.items()
         }
@@ -170,7 +171,9 @@ class Probe:
     def committed(self, name: str, user: int) -> int:
         # Events and training samples are keyed by user (str(user_id)) and partitioned by
         # murmur2, as the Java client, kafka-python and aiokafka all do.
-        partition = (murmur2(event_key(user)) & 0x7FFFFFFF) % self.settings.events_topic_partitions
+        partition = (
+            murmur2(event_key(user)) & 0x7FFFFFFF
+        ) % self.settings.kafka.events_topic_partitions
         tp = TopicPartition(self.groups[name][1], partition)
         return int(self.consumers[name].committed(tp) or 0)
 
@@ -200,17 +203,17 @@ class Probe:
 
 
 def measure(settings: Settings, base: Path, args: argparse.Namespace) -> StackRun:
-    run = StackRun(settings.kafka_empty_fetch_backoff_ms)
+    run = StackRun(settings.kafka.empty_fetch_backoff_ms)
     label = f"back-off {run.backoff_ms} ms"
     with running_stack(settings, base) as stack:
         probe = Probe(settings)
         try:
             stack.wait(
-                lambda: http_ok(f"http://{settings.serve_host}:{settings.serve_port}/health/ready"),
+                lambda: http_ok(f"http://{settings.serve.host}:{settings.serve.port}/health/ready"),
                 "the service to be ready",
             )
             stack.wait(
-                lambda: http_ok(f"http://127.0.0.1:{settings.dashboard_port}/_stcore/health"),
+                lambda: http_ok(f"http://127.0.0.1:{settings.dashboard.port}/_stcore/health"),
                 "the dashboard to answer",
             )
             warm = probe.send_and_time(WARMUP_USER, timeout_s=300)  # every consumer is up
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         "--backoff-ms",
         type=int,
         nargs="+",
-        default=[Settings.model_fields["kafka_empty_fetch_backoff_ms"].default, 0],
+        default=[KafkaSettings.model_fields["empty_fetch_backoff_ms"].default, 0],
         help="one stack per value of the setting (default: its default, then 0: off)",
     )
     parser.add_argument("--settle-s", type=float, default=10.0)

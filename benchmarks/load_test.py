@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             data_dir=folder / "data",
             cache_dir=args.cache_dir.resolve(),
             broker_port=broker.port,
-            events_topic=f"events-{uuid.uuid4().hex[:8]}",
+            kafka_events_topic=f"events-{uuid.uuid4().hex[:8]}",
         )
         ensure_topics(settings)
         start = time.perf_counter()
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             pids = {"service": process.pid, "broker": broker_pid}
             if churn is not None:
                 pids["churn"] = churn[0].pid
-            stack = Stack(url, users, pids, sampler, settings.serve_max_inflight, feast, lean,
+            stack = Stack(url, users, pids, sampler, settings.serve.max_inflight, feast, lean,
                           churn[1] if churn is not None else None)  # fmt: skip
             run = asyncio.run(drive(stack, args))
         finally:

@@ -83,10 +83,10 @@ def quality(settings: Settings, models: list[str]) -> list[str]:
     assert np.array_equal(data.item_ids, np.arange(1, data.num_items + 1))
     samples = _training_stream(data.items, data.user_ids, data.timestamps_s)
     ensure_topics(settings)
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=5)
     for sample in samples:
         producer.send(
-            settings.training_topic,
+            settings.kafka.training_topic,
             key=str(sample.user_id).encode(),
             value=sample.model_dump_json().encode(),
         )
@@ -144,7 +144,7 @@ def freshness(settings: Settings, models: list[str], rate: float, duration_s: fl
                 if wait > 0:
                     time.sleep(wait)
                 producer.send(event)
-        time.sleep(3 * settings.trainer_publish_every_s)  # let the last versions land
+        time.sleep(3 * settings.trainer.publish_every_s)  # let the last versions land
     finally:
         stop.set()
         trainer.stop()
@@ -198,7 +198,7 @@ def main() -> None:
                 data_dir=root / "quality",
                 cache_dir=EMBEDDING_CACHE,
                 broker_port=port,
-                training_topic="bench-training",
+                kafka_training_topic="bench-training",
                 trainer_publish_every_samples=10_000,
                 trainer_publish_every_s=600,
             )
@@ -216,10 +216,10 @@ def main() -> None:
                 data_dir=root / "fresh",
                 cache_dir=EMBEDDING_CACHE,
                 broker_port=port,
-                events_topic="bench-events",
-                training_topic="bench-fresh-training",
-                dead_letter_topic="bench-dead",
-                faust_app_id="bench-fresh",
+                kafka_events_topic="bench-events",
+                kafka_training_topic="bench-fresh-training",
+                kafka_dead_letter_topic="bench-dead",
+                worker_app_id="bench-fresh",
                 worker_web_port=free_port(),
                 trainer_publish_every_s=5.0,
                 trainer_publish_every_samples=2000,

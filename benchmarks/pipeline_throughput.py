@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         broker = LocalBroker(root / "broker", port=free_port())
         broker_pid = broker.start().pid
         base = Settings(data_dir=root / "base", cache_dir=args.cache_dir.resolve(),
-                        broker_port=broker.port, events_topic="raw-events")  # fmt: skip
+                        broker_port=broker.port, kafka_events_topic="raw-events")  # fmt: skip
         try:
             ensure_topics(base)
             produce_rate = raw_produce(base, records)

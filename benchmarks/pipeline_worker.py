@@ -130,10 +130,10 @@ def pipeline_settings(base: Settings, data_dir: Path, tag: str, **overrides: Any
         "kafka_bootstrap": "",
         "clickhouse_dsn": "",
         "worker_web_port": free_port(),
-        "faust_app_id": f"hymirec-bench-{tag}",
-        "events_topic": f"events-{tag}",
-        "dead_letter_topic": f"dead-letter-{tag}",
-        "training_topic": f"training-{tag}",
+        "worker_app_id": f"hymirec-bench-{tag}",
+        "kafka_events_topic": f"events-{tag}",
+        "kafka_dead_letter_topic": f"dead-letter-{tag}",
+        "kafka_training_topic": f"training-{tag}",
     }
     values.update(overrides)
     return Settings(**values)

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     timings: list[Timing] = []
     with tempfile.TemporaryDirectory(prefix="readout10m-") as tmp:
         settings = Settings(data_dir=Path(tmp), clickhouse_dsn="")
-        days = settings.cuped_pre_days
+        days = settings.readout.cuped_pre_days
         with analytics_client(settings) as client:
             loaded = load_events(client, args, timings)
             parts = scalar(

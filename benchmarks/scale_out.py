@@ -91,7 +91,7 @@ def start_workers(settings: Settings, count: int) -> list[ServiceProcess]:
             update={"worker_instance_id": f"worker-{index}", "worker_web_port": free_port()}
         )
         workers.append(ServiceProcess(f"worker-{index}", ["worker"], replica).start())
-    topic = re.escape(settings.events_topic)
+    topic = re.escape(settings.kafka.events_topic)
     deadline = time.monotonic() + 180
     for worker in workers:
         while not re.search(f"resuming {topic} at the table's", worker.tail(100_000)):
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         broker_pid = broker.start().pid
         base = Settings(data_dir=root / "base", cache_dir=args.cache_dir.resolve(),
                         broker_port=broker.port,
-                        events_topic_partitions=args.partitions)  # fmt: skip
+                        kafka_events_topic_partitions=args.partitions)  # fmt: skip
         try:
             build_item_features(base)  # codebook + item views, copied into each run's data dir
             for count in args.workers:

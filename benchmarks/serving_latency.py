@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             data_dir=folder / "data",
             cache_dir=args.cache_dir.resolve(),
             broker_port=broker.port,
-            events_topic=f"events-{uuid.uuid4().hex[:8]}",
+            kafka_events_topic=f"events-{uuid.uuid4().hex[:8]}",
             # Latency under queueing at concurrency 32 is the figure here, not shedding.
             serve_max_inflight=64,
         )

@@ -103,10 +103,10 @@ def history_row(
 ) -> UserHistoryFeatures:
     """The row ``streaming`` pushes for a user whose history is ``items`` (oldest first);
     ``version`` is ``built.codebook.version`` (a hash of the centroids: 0.7 ms a call)."""
-    kept = items[-settings.long_len :]
+    kept = items[-settings.features.long_len :]
     return UserHistoryFeatures(
         user_id=user,
-        recent_item_ids=[int(i) for i in kept[-settings.recent_len :]],
+        recent_item_ids=[int(i) for i in kept[-settings.features.recent_len :]],
         long_codes=built.codebook.pack(built.table.lookup(kept)),
         history_len=len(items),
         last_ts_ms=0,
@@ -137,7 +137,7 @@ def prepare(settings: Settings, train_ratings: int) -> list[int]:
             event_type="rating",
             ts_ms=int(row.ts_ms),
             seq=len(items_so_far),
-            recent_item_ids=items_so_far[-settings.recent_len :],
+            recent_item_ids=items_so_far[-settings.features.recent_len :],
         )
         items_so_far.append(int(row.item_id))
         records.append(StreamRecord(0, offset, sample, int(time.time() * 1000)))
@@ -271,7 +271,7 @@ def serve(settings: Settings, model: str, folder: Path) -> tuple[ServiceProcess,
     )
     process = ServiceProcess(f"serve-{model}", ["serve"], service_settings).start()
     deadline = time.monotonic() + 180
-    url = f"http://127.0.0.1:{service_settings.serve_port}"
+    url = f"http://127.0.0.1:{service_settings.serve.port}"
     while True:
         try:
             if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:

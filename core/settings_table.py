@@ -12,10 +12,11 @@ import sys
 from enum import Enum
 from pathlib import Path
 
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from core.errors import ConfigError
-from core.settings import ENV_PREFIX, Settings
+from core.settings import ENV_PREFIX, GROUPS, Settings
 
 __all__ = ["BEGIN", "END", "replace_table", "settings_table"]
 
@@ -41,14 +42,25 @@ def _default(value: object) -> str:
     return f"`{value}`"
 
 
-def settings_table() -> str:
-    """A markdown table: one row per setting, in the order ``Settings`` declares them."""
+def _rows(prefix: str, fields: dict[str, FieldInfo]) -> list[str]:
     rows = ["| variable | default | what it sets |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
+    for name, field in fields.items():
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
         description = description.replace("<", "&lt;")
-        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {_default(field.default)} | {description} |")
-    return "\n".join(rows) + "\n"
+        variable = f"{ENV_PREFIX}{prefix}{name}".upper()
+        rows.append(f"| `{variable}` | {_default(field.default)} | {description} |")
+    return rows
+
+
+def settings_table() -> str:
+    """Markdown: the shared settings, then one table per group (component), in declaration
+    order."""
+    shared = {n: f for n, f in Settings.model_fields.items() if n not in GROUPS}
+    parts = ["Shared by every component:", "", *_rows("", shared)]
+    for name, group in GROUPS.items():
+        described = Settings.model_fields[name].description
+        parts += ["", f"`{name}`: {described}", "", *_rows(f"{name}_", group.model_fields)]
+    return "\n".join(parts) + "\n"
 
 
 def replace_table(text: str, table: str) -> str:

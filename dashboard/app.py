@@ -229,7 +229,7 @@ def show_experiment(snap: ExperimentSnapshot, settings: Settings) -> None:
         f"({snap.excluded_users} excluded: exposed to several variants) · snapshot "
         f"{_age(now_ms, snap.generated_at_ms)} old · training policy: {snap.training_policy}"
     )
-    if now_ms - snap.generated_at_ms > 3_000 * max(settings.readout_publish_s, 10.0):
+    if now_ms - snap.generated_at_ms > 3_000 * max(settings.readout.publish_s, 10.0):
         st.warning("This snapshot is stale: is the sink (or `hymirec readout --publish`) running?")
     if snap.notes:
         st.caption(f"notes: {snap.notes}")
@@ -247,7 +247,7 @@ def show_experiment(snap: ExperimentSnapshot, settings: Settings) -> None:
 
 def show_models(settings: Settings) -> None:
     st.subheader("Models in service and their freshness")
-    service = fetch_service_status(settings.serve_host, settings.serve_port)
+    service = fetch_service_status(settings.serve.host, settings.serve.port)
     if not service.reachable:
         st.warning(f"Service not reachable at {service.url} ({service.error}).")
     registry = load_registry(settings.registry_dir)
@@ -341,9 +341,9 @@ def main() -> None:
         return f"⚠ {name} (SRM)" if name in flagged else name
 
     choice = st.sidebar.radio("experiment", names, format_func=label) if names else None
-    auto = st.sidebar.toggle(f"auto-refresh every {settings.readout_publish_s:g} s", value=False)
+    auto = st.sidebar.toggle(f"auto-refresh every {settings.readout.publish_s:g} s", value=False)
     st.sidebar.button("Reload")
-    st.fragment(render, run_every=settings.readout_publish_s if auto else None)(settings, choice)
+    st.fragment(render, run_every=settings.readout.publish_s if auto else None)(settings, choice)
 
 
 main()

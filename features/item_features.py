@@ -62,13 +62,15 @@ def build_item_features(
     """Embed, fit, encode, save, and publish the item views; returns what it built."""
     items = load_items()
     embeddings = embed_item_texts(
-        item_texts(items), settings.embedding_cache_dir, batch_size=settings.embedding_batch_size
+        item_texts(items),
+        settings.embedding_cache_dir,
+        batch_size=settings.features.embedding_batch_size,
     )
     codebook = ResidualCodebook.fit(
         embeddings,
-        levels=settings.codebook_levels,
-        size=settings.codebook_size,
-        seed=settings.codebook_seed,
+        levels=settings.codebook.levels,
+        size=settings.codebook.size,
+        seed=settings.codebook.seed,
     )
     item_ids = items["item_id"].to_numpy(dtype=np.int64)
     codes = codebook.encode(embeddings)

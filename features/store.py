@@ -106,14 +106,18 @@ def user_history_protos(
 
 def _repo_config(settings: Settings) -> RepoConfig:
     try:
-        text = settings.feast_config.read_text()
+        text = settings.features.store_config.read_text()
     except OSError as exc:
-        raise FeatureStoreError(f"cannot read Feast config {settings.feast_config}: {exc}") from exc
+        raise FeatureStoreError(
+            f"cannot read Feast config {settings.features.store_config}: {exc}"
+        ) from exc
     raw = yaml.safe_load(settings.fill_template(text))
     try:
         config = RepoConfig(**raw)
     except Exception as exc:  # pydantic's error names the field
-        raise FeatureStoreError(f"invalid Feast config {settings.feast_config}: {exc}") from exc
+        raise FeatureStoreError(
+            f"invalid Feast config {settings.features.store_config}: {exc}"
+        ) from exc
     config.repo_path = settings.feast_dir
     return config
 

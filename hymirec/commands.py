@@ -37,7 +37,7 @@ def broker(settings: Settings, args: argparse.Namespace) -> int:
     from streaming.broker import LocalBroker
     from streaming.kafka_io import ensure_topics
 
-    broker = LocalBroker(settings.broker_dir, settings.broker_host, settings.broker_port)
+    broker = LocalBroker(settings.broker_dir, settings.broker.host, settings.broker.port)
     if args.action == "start":
         status = broker.start()
         created = ensure_topics(settings)
@@ -106,7 +106,7 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
         ratings = ratings.head(args.limit)
     with EventProducer(settings) as producer:
         sent = replay_events(producer, movielens_events(ratings), rate_per_s=args.rate)
-    print(f"sent {sent} events to {settings.events_topic}")
+    print(f"sent {sent} events to {settings.kafka.events_topic}")
     return 0
 
 
@@ -201,16 +201,16 @@ def dashboard(settings: Settings, args: argparse.Namespace) -> int:
     import dashboard
 
     app = Path(dashboard.__file__).resolve().parent / "app.py"
-    port = args.port or settings.dashboard_port
+    port = args.port or settings.dashboard.port
     command = [
         sys.executable,
         *("-m", "streamlit", "run", str(app)),
-        *("--server.headless", "true", "--server.address", settings.dashboard_host),
+        *("--server.headless", "true", "--server.address", settings.dashboard.host),
         *("--server.port", str(port), "--browser.gatherUsageStats", "false"),
         *("--server.fileWatcherType", "none"),
     ]
     print(
-        f"dashboard on http://{settings.dashboard_host}:{port} (reads {settings.readouts_dir})",
+        f"dashboard on http://{settings.dashboard.host}:{port} (reads {settings.readouts_dir})",
         flush=True,
     )
     # The app builds the same settings at its own edge from these HYMIREC_* variables. exec, not a
@@ -276,7 +276,7 @@ def trainer(settings: Settings, args: argparse.Namespace) -> int:
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
     else:
-        models = list(settings.trainer_model_names) or trained_models(settings.experiments_file)
+        models = list(settings.trainer.model_names) or trained_models(settings.experiments_file)
     report = run_trainer(
         settings, build_catalog(settings), models, stop, args.max_idle, init_from=args.init_from
     )

@@ -132,7 +132,7 @@ def _pretrain(settings: Settings, models: list[str], epochs: int | None) -> Path
             catalog,
             data,
             settings.embedding_cache_dir,
-            seed=settings.trainer_seed,
+            seed=settings.trainer.seed,
             epochs=budget,
             on_epoch=ProgressBar(name, budget),
         )
@@ -257,7 +257,7 @@ def _wait(condition: Callable[[], bool], timeout_s: float, what: str, children: 
 
 def _service_ready(settings: Settings) -> bool:
     try:
-        url = f"http://{settings.serve_host}:{settings.serve_port}/health/ready"
+        url = f"http://{settings.serve.host}:{settings.serve.port}/health/ready"
         return httpx.get(url, timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
@@ -267,7 +267,7 @@ def _sink_lag(settings: Settings) -> int | None:
     from abtest.pipeline_health import pipeline_health
 
     for lag in pipeline_health(settings).consumer_lag:
-        if lag.group == settings.sink_group_id and lag.topic == settings.events_topic:
+        if lag.group == settings.sink.group_id and lag.topic == settings.kafka.events_topic:
             return lag.lag
     return None
 
@@ -277,10 +277,10 @@ def _demo_settings(settings: Settings, experiments: Path) -> Settings:
         update={
             "experiments_file": experiments,
             "trainer_models": "",
-            "trainer_publish_every_s": min(settings.trainer_publish_every_s, 10.0),
+            "trainer_publish_every_s": min(settings.trainer.publish_every_s, 10.0),
             # Six processes share the machine's cores: one torch thread each for the trainer
             # unless set (two threads beside busy neighbours were slower than one).
-            "trainer_threads": settings.trainer_threads or 1,
+            "trainer_threads": settings.trainer.threads or 1,
         }
     )
 
@@ -295,11 +295,11 @@ def _start_broker(settings: Settings) -> tuple[LocalBroker, bool]:
         settings.ground_truth_dir,
     ):
         shutil.rmtree(folder, ignore_errors=True)  # a fresh run: no state from earlier demos
-    embedded = settings.kafka_bootstrap == f"{settings.broker_host}:{settings.broker_port}"
-    broker = LocalBroker(settings.broker_dir, settings.broker_host, settings.broker_port)
+    embedded = settings.kafka.bootstrap == f"{settings.broker.host}:{settings.broker.port}"
+    broker = LocalBroker(settings.broker_dir, settings.broker.host, settings.broker.port)
     if embedded and broker.answers():
         # A broker already serves this address (`hymirec broker start`, or a test's): use it.
-        print(f"[broker] using the broker already at {settings.kafka_bootstrap}")
+        print(f"[broker] using the broker already at {settings.kafka.bootstrap}")
         return broker, False
     if embedded:
         broker.stop()
@@ -335,9 +335,9 @@ def _start_serving(
     print(f"[trainer] pretrained versions published: {', '.join(models)}")
     children.start("serve", ["serve"])
     _wait(lambda: _service_ready(settings), timeout_s, "the service to be ready", children)
-    print(f"[serve] ready at http://{settings.serve_host}:{settings.serve_port}/docs")
+    print(f"[serve] ready at http://{settings.serve.host}:{settings.serve.port}/docs")
     children.start("dashboard", ["dashboard"])
-    print(f"[dashboard] http://127.0.0.1:{settings.dashboard_port}")
+    print(f"[dashboard] http://127.0.0.1:{settings.dashboard.port}")
 
 
 def _report(
@@ -415,7 +415,7 @@ def run_demo(
         _warm_start(settings, warm_events, timeout_s)
         _start_serving(settings, children, models, init_from, timeout_s)
         population = load_population(settings)
-        print(f"[simulator] {population.num_users} users ({settings.sim_population} population)")
+        print(f"[simulator] {population.num_users} users ({settings.sim.population} population)")
         traffic_start_ms = int(time.time() * 1000)
         stats = run_simulation(settings, duration_s, population=population)
         traffic_end_ms = int(time.time() * 1000)
@@ -430,7 +430,7 @@ def run_demo(
             keep_dashboard = sys.stdin.isatty()
         if keep_dashboard:
             print(
-                f"\n[dashboard] still at http://127.0.0.1:{settings.dashboard_port}; Ctrl-C stops"
+                f"\n[dashboard] still at http://127.0.0.1:{settings.dashboard.port}; Ctrl-C stops"
             )
             while True:
                 time.sleep(1)

@@ -124,7 +124,7 @@ def _load_or_fit_codebook(
     folder belongs to ``features.item_features``; a different codebook there is left alone).
     """
     folder = settings.codebook_dir
-    shape = (settings.codebook_levels, settings.codebook_size, embeddings.shape[1])
+    shape = (settings.codebook.levels, settings.codebook.size, embeddings.shape[1])
     if (folder / "codebook.npz").is_file():
         try:
             cached = ResidualCodebook.load(folder)
@@ -134,9 +134,9 @@ def _load_or_fit_codebook(
             return cached
     codebook = ResidualCodebook.fit(
         embeddings,
-        levels=settings.codebook_levels,
-        size=settings.codebook_size,
-        seed=settings.codebook_seed,
+        levels=settings.codebook.levels,
+        size=settings.codebook.size,
+        seed=settings.codebook.seed,
     )
     if not (folder / "codebook.npz").exists():
         codebook.save(folder)
@@ -147,7 +147,7 @@ def build_catalog(settings: Settings) -> CatalogInfo:
     """Text embeddings, codebook codes and genres of every ML-100K item, rows by item index."""
     items = load_items()
     item_ids, embeddings = embed_movielens_items(
-        settings.embedding_cache_dir, batch_size=settings.embedding_batch_size
+        settings.embedding_cache_dir, batch_size=settings.features.embedding_batch_size
     )
     if not np.array_equal(item_ids, items["item_id"].to_numpy(dtype=np.int64)):
         raise DataError("item embeddings are not aligned with the item table")

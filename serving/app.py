@@ -3,7 +3,7 @@
 - ``GET /recommend?user_id=U&k=K[&experiment=NAME]``: the user's top-K unseen items from their
   variant's model (:class:`RecommendResponse`). Bad input is a 4xx whose JSON ``detail`` names the
   field and the fix: 422 for a malformed, missing, repeated or unknown parameter or one out of
-  range, 404 for an unknown experiment. Over ``settings.serve_max_inflight`` requests in progress,
+  range, 404 for an unknown experiment. Over ``settings.serve.max_inflight`` requests in progress,
   a request is refused at once with 503 and ``Retry-After`` (load shedding: the queue stays
   bounded); a feature-store outage is also a 503.
 - ``GET /health/live`` (200 while the process runs), ``GET /health/ready`` (200 only when Feast
@@ -140,7 +140,7 @@ def _check_query(request: Request) -> None:
 
 def ranking_threads(settings: Settings) -> int:
     """How many threads rank requests (``serve_threads``, or one per CPU this process may use)."""
-    return settings.serve_threads or min(settings.serve_max_inflight, len(os.sched_getaffinity(0)))
+    return settings.serve.threads or min(settings.serve.max_inflight, len(os.sched_getaffinity(0)))
 
 
 class _Serving:
@@ -150,7 +150,7 @@ class _Serving:
     def __init__(self, service: RecommendationService, workers: int) -> None:
         self.service = service
         self.metrics = service.metrics
-        self.limit = service.settings.serve_max_inflight
+        self.limit = service.settings.serve.max_inflight
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hymirec-serve")
         self.inflight = 0
 

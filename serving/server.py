@@ -54,12 +54,12 @@ def run_service(settings: Settings) -> int:
     )
     experiments = ", ".join(e.name for e in service.splitter.config.experiments) or "none"
     line = (
-        f"recommendation service ready on http://{settings.serve_host}:{settings.serve_port} "
+        f"recommendation service ready on http://{settings.serve.host}:{settings.serve.port} "
         f"(models: {models or 'none published yet, serving popularity'}; "
         f"experiments: {experiments})"
     )
     server = _AnnouncingServer(
-        _config(create_app(service), settings.serve_host, settings.serve_port), line
+        _config(create_app(service), settings.serve.host, settings.serve.port), line
     )
     # uvicorn shuts down gracefully on SIGTERM, restores the previous handler and raises the
     # signal again; with this no-op handler the process then exits 0, like the other services.
@@ -67,7 +67,7 @@ def run_service(settings: Settings) -> int:
     server.run()
     if not server.started:
         raise HymirecError(
-            f"the service could not listen on {settings.serve_host}:{settings.serve_port} "
+            f"the service could not listen on {settings.serve.host}:{settings.serve.port} "
             "(port in use?); set HYMIREC_SERVE_PORT"
         )
     return 0

@@ -108,7 +108,7 @@ class RecommendationService:
         return cls(settings, Splitter(config), pool, features, exposures, metrics, hold)
 
     def start(self) -> None:
-        self.pool.start_polling(self.settings.serve_registry_poll_s)
+        self.pool.start_polling(self.settings.serve.registry_poll_s)
 
     def close(self) -> None:
         self.pool.stop()

@@ -5,7 +5,7 @@ Every served list's exact expected CTR (the ground truth) is also recorded per e
 and minute and written to ``settings.ground_truth_dir`` every ``progress_every_s`` and at the end;
 the readout publisher puts it into the snapshot (``abtest.ground_truth``).
 
-Each Poisson arrival (``settings.sim_rate_per_s``) is one request ``GET /recommend?user_id=U&k=K``
+Each Poisson arrival (``settings.sim.rate_per_s``) is one request ``GET /recommend?user_id=U&k=K``
 by a simulated user. The service logs the impressions itself; the simulator only writes what the
 user did (``click`` and ``play`` events, tagged with the response's experiment, variant, request id
 and model version and the item's 0-based position). Simulated time is the arrival clock, so a
@@ -57,34 +57,34 @@ _MAX_BACKOFF_S = 1.0
 
 
 def load_population(settings: Settings, num_clusters: int = 30) -> SimulatedPopulation:
-    """The simulated users of ``settings.sim_population`` over the ML-100K catalogue.
+    """The simulated users of ``settings.sim.population`` over the ML-100K catalogue.
 
     ``movielens`` (the default): the 943 ML-100K users, their tastes fitted on their ratings
     (``simulator.grounded``; the fit is cached in ``settings.embedding_cache_dir``).
     ``text-clusters``: ``sim_users`` new users over clusters of the items' MiniLM text
     embeddings (cached there too; the first call computes them, about a minute on CPU)."""
-    if settings.sim_population == "movielens":
+    if settings.sim.population == "movielens":
         from core.movielens import load_ratings
         from simulator.grounded import grounded_population
 
         return grounded_population(
             load_ratings(),
-            seed=settings.sim_seed,
-            drift_per_hour=settings.sim_drift,
+            seed=settings.sim.seed,
+            drift_per_hour=settings.sim.drift,
             cache_dir=settings.embedding_cache_dir,
         )
     from features.item_embeddings import embed_movielens_items
 
     item_ids, embeddings = embed_movielens_items(
-        settings.embedding_cache_dir, batch_size=settings.embedding_batch_size
+        settings.embedding_cache_dir, batch_size=settings.features.embedding_batch_size
     )
     return SimulatedPopulation(
         embeddings,
         item_ids,
-        num_users=settings.sim_users,
-        interests_per_user=settings.sim_interests,
-        drift_per_hour=settings.sim_drift,
-        seed=settings.sim_seed,
+        num_users=settings.sim.users,
+        interests_per_user=settings.sim.interests,
+        drift_per_hour=settings.sim.drift,
+        seed=settings.sim.seed,
         num_clusters=num_clusters,
     )
 
@@ -178,7 +178,7 @@ class _Loop:
         connect_timeout_s: float,
         backoff_s: float,
     ) -> None:
-        self.url = f"http://{settings.serve_host}:{settings.serve_port}/recommend"
+        self.url = f"http://{settings.serve.host}:{settings.serve.port}/recommend"
         self.population, self.http, self.producer, self.stop = population, http, producer, stop
         self.k, self.connect_timeout_s, self.backoff_s = k, connect_timeout_s, backoff_s
         self.stats = SimulationStats()
@@ -351,12 +351,12 @@ def run_simulation(
         raise SimulatorError(f"max_requests must be >= 1 or None; got {max_requests}")
     if not 1 <= k <= 10_000:
         raise SimulatorError(f"k must be in 1..10000; got {k}")
-    if settings.sim_seed < 0:
-        raise SimulatorError(f"HYMIREC_SIM_SEED must be >= 0; got {settings.sim_seed}")
+    if settings.sim.seed < 0:
+        raise SimulatorError(f"HYMIREC_SIM_SEED must be >= 0; got {settings.sim.seed}")
     population = population or load_population(settings)
     stop = stop or threading.Event()
     arrivals_rng, response_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(settings.sim_seed).spawn(2)
+        np.random.default_rng(s) for s in np.random.SeedSequence(settings.sim.seed).spawn(2)
     )
     own_http = http_client is None
     http = http_client or httpx.Client(timeout=httpx.Timeout(10.0, connect=2.0))
@@ -369,14 +369,14 @@ def run_simulation(
     log.info(
         "simulator: %d users, %.1f requests/s%s, k=%d, against %s",
         population.num_users,
-        settings.sim_rate_per_s,
+        settings.sim.rate_per_s,
         "" if paced else " (unpaced)",
         k,
         loop.url,
     )
     try:
         for arrival in poisson_arrivals(
-            settings.sim_rate_per_s, population.num_users, arrivals_rng
+            settings.sim.rate_per_s, population.num_users, arrivals_rng
         ):
             if duration_s is not None and arrival.t_s > duration_s:
                 break

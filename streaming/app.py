@@ -38,29 +38,29 @@ def _faust_brokers(bootstrap: str) -> list[str]:
 
 def _faust_app(settings: Settings, datadir: Path) -> faust.App:
     return faust.App(
-        settings.faust_app_id,
-        broker=_faust_brokers(settings.kafka_bootstrap),
+        settings.worker.app_id,
+        broker=_faust_brokers(settings.kafka.bootstrap),
         store="memory://",  # state lives in the changelog topic; recovered on start
         datadir=str(datadir),
-        topic_partitions=settings.events_topic_partitions,
+        topic_partitions=settings.kafka.events_topic_partitions,
         topic_replication_factor=1,
         web_host="127.0.0.1",
         web_bind="127.0.0.1",
-        web_port=settings.worker_web_port,
+        web_port=settings.worker.web_port,
         # Static group membership: a worker restarted after a crash rejoins under the same
         # instance id and takes its partitions back at once. Without it, a new member waits for
         # the dead one's session to expire, and the embedded broker (noida-db 0.2.3) never
         # expires it: the group stays stuck in the rebalance (seen here, kafka-python and
         # aiokafka alike). Each worker replica needs its own stable id.
-        consumer_group_instance_id=settings.worker_instance_id,
-        broker_session_timeout=settings.worker_session_timeout_s,
-        broker_heartbeat_interval=max(1.0, settings.worker_session_timeout_s / 5),
-        broker_max_poll_interval=settings.worker_max_poll_interval_s,
-        producer_max_request_size=settings.max_message_bytes,
-        producer_max_batch_size=min(_PRODUCER_BATCH_BYTES, settings.max_message_bytes),
-        consumer_max_fetch_size=settings.max_message_bytes,
+        consumer_group_instance_id=settings.worker.instance_id,
+        broker_session_timeout=settings.worker.session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.worker.session_timeout_s / 5),
+        broker_max_poll_interval=settings.worker.max_poll_interval_s,
+        producer_max_request_size=settings.kafka.max_message_bytes,
+        producer_max_batch_size=min(_PRODUCER_BATCH_BYTES, settings.kafka.max_message_bytes),
+        consumer_max_fetch_size=settings.kafka.max_message_bytes,
         producer_acks=-1,
-        stream_buffer_maxsize=max(4096, 2 * settings.stream_batch_size),
+        stream_buffer_maxsize=max(4096, 2 * settings.worker.batch_size),
     )
 
 
@@ -73,17 +73,17 @@ def create_app(
     """Build the Faust app with its topic and table, and the worker registered on it."""
     check_faust_version()
     # Faust makes this folder even for memory tables; its default is "<id>-data" in the cwd.
-    datadir = settings.data_dir.resolve() / "faust" / settings.faust_app_id
+    datadir = settings.data_dir.resolve() / "faust" / settings.worker.app_id
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    install_aiokafka_backoff(settings.kafka_empty_fetch_backoff_ms)  # idle: no fetch spin
+    install_aiokafka_backoff(settings.kafka.empty_fetch_backoff_ms)  # idle: no fetch spin
     app = _faust_app(settings, datadir)
     events = app.topic(
-        settings.events_topic,
+        settings.kafka.events_topic,
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",
         value_serializer="raw",
-        partitions=settings.events_topic_partitions,
+        partitions=settings.kafka.events_topic_partitions,
         acks=False,  # Faust neither tracks nor commits its offsets: the worker does
     )
     histories = app.Table(
@@ -94,7 +94,7 @@ def create_app(
             key_serializer="json",
             value_serializer="json",
         ),
-        partitions=settings.events_topic_partitions,
+        partitions=settings.kafka.events_topic_partitions,
     )
     worker = UserHistoryWorker(
         app, settings, histories, store=store, codebook=codebook, item_codes=item_codes
@@ -121,4 +121,4 @@ def run_worker(settings: Settings, loglevel: str = "info") -> Any:
     try:
         return worker.execute_from_commandline()
     finally:
-        leave_group(settings.kafka_bootstrap, settings.faust_app_id, settings.worker_instance_id)
+        leave_group(settings.kafka.bootstrap, settings.worker.app_id, settings.worker.instance_id)

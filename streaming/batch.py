@@ -108,7 +108,7 @@ def apply_batch(
 
 
 def fault_drops(spec: str) -> FaultDrops:
-    """``settings.worker_fault_drop`` ('P:A-B,...') as partition -> offsets."""
+    """``settings.worker.fault_drop`` ('P:A-B,...') as partition -> offsets."""
     drops: FaultDrops = {}
     for part in filter(None, spec.split(",")):
         partition, span = part.split(":")

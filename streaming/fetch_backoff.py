@@ -4,7 +4,7 @@ Apache Kafka holds a fetch that finds no records for up to ``fetch.max.wait.ms``
 consumer sends a few requests a second. The embedded broker (noida-db 0.2.3) ignores that setting
 and answers at once, so an idle consumer spins: an idle Faust worker (aiokafka) sent 6,600-8,300
 empty fetches a second, 86% of a core, and the broker spent 12.5% answering them. So, when
-``settings.kafka_empty_fetch_backoff_ms`` is above 0, a consumer pauses after a fetch that brought
+``settings.kafka.empty_fetch_backoff_ms`` is above 0, a consumer pauses after a fetch that brought
 nothing, 1 ms at first and twice as long after each further empty one, up to that cap; a fetch
 with records resets it. A record that reaches an idle consumer waits at most about the cap. At 0
 (production: docker/compose.yaml) nothing here changes what the clients do.

@@ -32,17 +32,17 @@ def ensure_topics(settings: Settings) -> list[str]:
     """Create the pipeline's topics if they are missing; return the names created."""
     # The dead-letter topic follows the events topic (its records keep their user keys).
     wanted = {
-        settings.events_topic: settings.events_topic_partitions,
-        settings.dead_letter_topic: settings.events_topic_partitions,
-        settings.training_topic: settings.training_topic_partitions,
+        settings.kafka.events_topic: settings.kafka.events_topic_partitions,
+        settings.kafka.dead_letter_topic: settings.kafka.events_topic_partitions,
+        settings.kafka.training_topic: settings.kafka.training_topic_partitions,
     }
-    config = {"max.message.bytes": str(settings.max_message_bytes)}
+    config = {"max.message.bytes": str(settings.kafka.max_message_bytes)}
     try:
         admin = KafkaAdminClient(
-            bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000
+            bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=10_000
         )
     except KafkaError as exc:
-        raise BrokerError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
+        raise BrokerError(f"cannot reach Kafka at {settings.kafka.bootstrap}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
         missing = [t for t in wanted if t not in existing]
@@ -55,7 +55,7 @@ def ensure_topics(settings: Settings) -> list[str]:
                 pass
         return created
     except KafkaError as exc:
-        raise BrokerError(f"cannot create topics on {settings.kafka_bootstrap}: {exc}") from exc
+        raise BrokerError(f"cannot create topics on {settings.kafka.bootstrap}: {exc}") from exc
     finally:
         admin.close()
 
@@ -90,14 +90,14 @@ class EventProducer:
         on_delivery: Callable[[bytes, BaseException | None], None] | None = None,
         **overrides: Any,
     ) -> None:
-        self.topic = settings.events_topic
-        self.bootstrap = settings.kafka_bootstrap
+        self.topic = settings.kafka.events_topic
+        self.bootstrap = settings.kafka.bootstrap
         options: dict[str, Any] = {
-            "bootstrap_servers": settings.kafka_bootstrap,
+            "bootstrap_servers": settings.kafka.bootstrap,
             "acks": "all",
             "linger_ms": 5,
             "batch_size": 256 * 1024,
-            "max_request_size": settings.max_message_bytes,
+            "max_request_size": settings.kafka.max_message_bytes,
             # Retries are bounded by time, not count: every record either gets its acknowledgement
             # or fails within delivery_timeout_ms of its send.
             "retry_backoff_ms": 100,
@@ -131,9 +131,9 @@ class EventProducer:
         self._blocking = False  # sends are waiting for room (logged once per episode)
         # Idle consumers of this host wait on the broker's doorbell (streaming.doorbell): ring it
         # at each acknowledgement (rate-limited), where the consumers pause between fetches.
-        self._ring = settings.kafka_empty_fetch_backoff_ms > 0
+        self._ring = settings.kafka.empty_fetch_backoff_ms > 0
         if self._ring:
-            register_ringer(doorbell_dir(settings.kafka_bootstrap))
+            register_ringer(doorbell_dir(settings.kafka.bootstrap))
 
     def send(self, event: Event) -> None:
         self.send_raw(event_key(event.user_id), event.to_json_bytes())

@@ -4,7 +4,7 @@
 hook (:meth:`~UserHistoryWorker.resume_from_table`) and its report timer
 (:meth:`~UserHistoryWorker.report`); ``streaming/app.py`` builds the Faust app and registers them.
 The agent reads raw event bytes, one batch at a time: whatever records are already waiting, up to
-``stream_batch_size``, so an idle worker handles a lone event at once and a busy one takes what
+``worker.batch_size``, so an idle worker handles a lone event at once and a busy one takes what
 arrived while it worked (Faust handles single events at only ~500/s on two cores). Per batch:
 
 1. the records are classified by the offset ledger and applied to the users' states
@@ -168,11 +168,11 @@ class UserHistoryWorker:
         self.on_failure = on_failure
         self.counters = PipelineCounters()
         self.ledger = OffsetLedger()
-        self.drops = fault_drops(settings.worker_fault_drop)
+        self.drops = fault_drops(settings.worker.fault_drop)
         if self.drops:
             log.warning(
                 "fault injection (worker_fault_drop %s): the first delivery of those offsets is "
-                "ignored", settings.worker_fault_drop,
+                "ignored", settings.worker.fault_drop,
             )  # fmt: skip
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
         self._in_flight: asyncio.Future[None] | None = None  # the batch being processed
@@ -183,7 +183,7 @@ class UserHistoryWorker:
     async def consume(self, stream: StreamT[bytes]) -> None:
         """The agent: every batch processed to its end before the next is taken."""
         await self.app.maybe_start_producer()  # send_record hands records to it directly
-        async for batch in waiting_batches(stream, self.settings.stream_batch_size):
+        async for batch in waiting_batches(stream, self.settings.worker.batch_size):
             await self.complete(batch)
 
     async def complete(self, batch: list[EventT[bytes]]) -> None:
@@ -236,9 +236,9 @@ class UserHistoryWorker:
             deliveries,
             self.ledger.begin(),
             lambda user: UserHistory.from_record(self.table.get(user)),
-            recent_len=settings.recent_len,
-            long_len=settings.long_len,
-            max_event_bytes=settings.max_event_bytes,
+            recent_len=settings.features.recent_len,
+            long_len=settings.features.long_len,
+            max_event_bytes=settings.kafka.max_event_bytes,
             drops=self.drops,
         )
         counters.batches += 1
@@ -253,7 +253,7 @@ class UserHistoryWorker:
         rows = [self._feature_row(user, state) for user, state in outcome.changed.items()]
         push = asyncio.ensure_future(self._push(rows))
         acks = [await self._dead_letter(d, error) for d, error in outcome.dead_letters]
-        app, topic = self.app, self.settings.training_topic
+        app, topic = self.app, self.settings.kafka.training_topic
         for sample in outcome.samples:
             key, value = str(sample.user_id).encode(), sample.model_dump_json().encode()
             acks.append(await faust_compat.send_record(app, topic, key, value))
@@ -276,7 +276,7 @@ class UserHistoryWorker:
             )
         for ack in acks:
             await ack
-        topic = self.settings.events_topic
+        topic = self.settings.kafka.events_topic
         offsets = {TP(topic, p): offset + 1 for p, offset in outcome.positions.items()}
         await faust_compat.commit_offsets(self.app, offsets)
         self.ledger.settle(outcome.ledger)
@@ -285,7 +285,7 @@ class UserHistoryWorker:
         counters = self.counters
         counters.dead_letters += 1
         counters.reasons[error.reason] = counters.reasons.get(error.reason, 0) + 1
-        source = f"{self.settings.events_topic}/{delivery.partition}/{delivery.offset}"
+        source = f"{self.settings.kafka.events_topic}/{delivery.partition}/{delivery.offset}"
         log.warning("dead-lettered %s: %s", source, error)
         headers = {
             "reason": error.reason.encode(),
@@ -293,13 +293,17 @@ class UserHistoryWorker:
             "source": source.encode(),
         }
         return await faust_compat.send_record(
-            self.app, self.settings.dead_letter_topic, delivery.key, delivery.value, headers=headers
+            self.app,
+            self.settings.kafka.dead_letter_topic,
+            delivery.key,
+            delivery.value,
+            headers=headers,
         )
 
     async def _push(self, rows: list[UserHistoryFeatures]) -> None:
         if not rows:
             return
-        attempts = self.settings.worker_push_attempts
+        attempts = self.settings.worker.push_attempts
         for attempt in range(attempts):
             try:
                 await self._push_once(rows)
@@ -322,7 +326,7 @@ class UserHistoryWorker:
 
     async def _rewind(self, rewind: Rewind) -> None:
         """Seek back to the first record not applied (see ``BatchLedger.rewinds``)."""
-        topic = self.settings.events_topic
+        topic = self.settings.kafka.events_topic
         if rewind.first:
             self.counters.rewinds += 1
             log.warning(
@@ -336,7 +340,7 @@ class UserHistoryWorker:
         codes = self.item_codes.lookup(state.items)
         return UserHistoryFeatures(
             user_id=user,
-            recent_item_ids=state.items[-self.settings.recent_len :],
+            recent_item_ids=state.items[-self.settings.features.recent_len :],
             long_codes=self.codebook.pack(codes),
             history_len=state.count,
             last_ts_ms=state.last_ts_ms,
@@ -354,7 +358,7 @@ class UserHistoryWorker:
         """Once the table is recovered, and before Faust seeks its partitions to the committed
         offsets: commit the table's positions, so that it seeks to the first unapplied record.
         A partition the table has no position for starts at its earliest offset."""
-        topic = self.settings.events_topic
+        topic = self.settings.kafka.events_topic
         assigned = [tp for tp in sender.consumer.assignment() if tp.topic == topic]
         self._owned = {tp.partition for tp in assigned}
         positions = {tp.partition: self._table_position(tp.partition) for tp in assigned}

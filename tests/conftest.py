@@ -47,12 +47,12 @@ def wait_until(
 def committed_offsets(settings: Settings, group_id: str) -> dict[TopicPartition, int | None]:
     """The group's committed offset per events partition (None where it has none)."""
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=group_id, enable_auto_commit=False
+        bootstrap_servers=settings.kafka.bootstrap, group_id=group_id, enable_auto_commit=False
     )
     try:
         parts = [
-            TopicPartition(settings.events_topic, p)
-            for p in range(settings.events_topic_partitions)
+            TopicPartition(settings.kafka.events_topic, p)
+            for p in range(settings.kafka.events_topic_partitions)
         ]
         return {tp: consumer.committed(tp) for tp in parts}
     finally:
@@ -61,7 +61,7 @@ def committed_offsets(settings: Settings, group_id: str) -> dict[TopicPartition,
 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """Each partition of ``topic`` -> its end offset."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap)
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
         return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()}
@@ -88,17 +88,17 @@ def make_settings(tmp_path: Path, broker: LocalBroker) -> Callable[..., Settings
             "cache_dir": EMBEDDING_CACHE,
             "broker_host": broker.host,
             "broker_port": broker.port,
-            "events_topic": f"events-{tag}",
-            "dead_letter_topic": f"dead-letter-{tag}",
-            "training_topic": f"training-{tag}",
-            "faust_app_id": f"hymirec-test-{tag}",
+            "kafka_events_topic": f"events-{tag}",
+            "kafka_dead_letter_topic": f"dead-letter-{tag}",
+            "kafka_training_topic": f"training-{tag}",
+            "worker_app_id": f"hymirec-test-{tag}",
             # Private consumer groups: a static member a test killed or stopped stays in its
             # group on the embedded broker (no session expiry), and must not hold up another test.
             "sink_group_id": f"sink-{tag}",
             "trainer_group_id": f"trainer-{tag}",
             "worker_web_port": free_port(),
-            "events_topic_partitions": 4,
-            "training_topic_partitions": 4,
+            "kafka_events_topic_partitions": 4,
+            "kafka_training_topic_partitions": 4,
         }
         values.update(overrides)
         return Settings(**values)

@@ -232,7 +232,7 @@ def test_the_trainer_reserves_one_gpu_and_trains_on_it() -> None:
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert dockerfile_of("trainer") == COMPOSE_FILE.parent / "Dockerfile.gpu"
-    assert settings_of("trainer").trainer_device == "cuda"
+    assert settings_of("trainer").trainer.device == "cuda"
     assert "cuda" in (COMPOSE_FILE.parent / "Dockerfile.gpu").read_text().split("\nFROM ")[1]
 
 
@@ -265,11 +265,11 @@ def test_services_start_after_their_dependencies_are_healthy() -> None:
 
 def test_kafka_matches_what_the_clients_expect() -> None:
     kafka, settings = environment("kafka"), settings_of("worker")
-    assert f"PLAINTEXT://{settings.kafka_bootstrap}" in kafka["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"PLAINTEXT://{settings.kafka.bootstrap}" in kafka["KAFKA_ADVERTISED_LISTENERS"]
     assert kafka["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{kafka['KAFKA_NODE_ID']}@kafka:")
-    assert int(kafka["KAFKA_NUM_PARTITIONS"]) == settings.events_topic_partitions
-    assert int(kafka["KAFKA_MESSAGE_MAX_BYTES"]) >= settings.max_message_bytes
-    assert int(kafka["KAFKA_REPLICA_FETCH_MAX_BYTES"]) >= settings.max_message_bytes
+    assert int(kafka["KAFKA_NUM_PARTITIONS"]) == settings.kafka.events_topic_partitions
+    assert int(kafka["KAFKA_MESSAGE_MAX_BYTES"]) >= settings.kafka.max_message_bytes
+    assert int(kafka["KAFKA_REPLICA_FETCH_MAX_BYTES"]) >= settings.kafka.max_message_bytes
 
 
 # --- 3. the settings object accepts every service's environment -------------------------------
@@ -282,22 +282,22 @@ def test_every_service_environment_builds_the_settings(service: str) -> None:
     odd = [k for k in environment(service) if not k.startswith("HYMIREC_")]
     assert not odd, f"{service}: unexpected variables {odd} (a misspelt HYMIREC_ prefix?)"
     settings = settings_of(service)  # raises on a misspelt or invalid HYMIREC_* variable
-    assert settings.kafka_bootstrap == "kafka:9092"
-    assert settings.redis_url == "redis:6379"
+    assert settings.kafka.bootstrap == "kafka:9092"
+    assert settings.features.redis_url == "redis:6379"
     assert settings.data_dir == Path("/data")
-    assert settings.feast_config == PRODUCTION_FEAST_CONFIG
+    assert settings.features.store_config == PRODUCTION_FEAST_CONFIG
     assert (REPO_ROOT / PRODUCTION_FEAST_CONFIG.relative_to(APP_DIR)).is_file()
 
 
 def test_a_misspelt_setting_is_refused() -> None:
-    with pytest.raises(ValidationError, match="kafka_bootstrapp"):
+    with pytest.raises(ValidationError, match=r"kafka\.bootstrapp"):
         settings_of("worker", kafka_bootstrapp="kafka:9092")
 
 
 def test_the_clickhouse_dsn_reaches_the_server_as_it_is_configured() -> None:
     server = environment("clickhouse")
     for service in hymirec_services():
-        dsn = urlparse(settings_of(service).clickhouse_dsn)
+        dsn = urlparse(settings_of(service).clickhouse.dsn)
         assert (dsn.scheme, dsn.hostname, dsn.port) == ("http", "clickhouse", 8123), service
         assert dsn.username == server["CLICKHOUSE_USER"]
         assert (
@@ -340,7 +340,7 @@ def test_the_feature_server_command_is_one_feast_accepts() -> None:
     with pytest.raises(click.NoSuchOption):
         serve.make_context("serve", [*cmd[split + 1 :], "--prot", "1"], parent=feast)
     assert feast.params["chdir"] == str(settings.feast_dir)  # the store's repo path
-    assert feast.params["feature_store_yaml"] == str(settings.feast_config)
+    assert feast.params["feature_store_yaml"] == str(settings.features.store_config)
     assert parsed["host"] == "0.0.0.0"
     healthcheck = " ".join(services()["feature-server"]["healthcheck"]["test"])
     assert f"127.0.0.1:{parsed['port']}/health" in healthcheck

@@ -3,28 +3,30 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
-from core.settings import Settings, load_settings
+from core.settings import Settings, load_settings, setting_names
 
 
 def test_environment_variables_with_prefix_set_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYMIREC_KAFKA_BOOTSTRAP", "kafka-1:9092,kafka-2:9092")
-    monkeypatch.setenv("HYMIREC_RECENT_LEN", "20")
+    monkeypatch.setenv("HYMIREC_FEATURES_RECENT_LEN", "20")
     settings = load_settings()
-    assert settings.kafka_bootstrap == "kafka-1:9092,kafka-2:9092"
-    assert settings.recent_len == 20
+    assert settings.kafka.bootstrap == "kafka-1:9092,kafka-2:9092"
+    assert settings.features.recent_len == 20
 
 
 def test_embedded_defaults_are_derived_from_the_broker_port_and_data_dir(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, broker_port=12345)
-    assert settings.kafka_bootstrap == "127.0.0.1:12345"
-    assert settings.clickhouse_dsn == f"chdb:///{tmp_path.resolve() / 'clickhouse'}"
+    assert settings.kafka.bootstrap == "127.0.0.1:12345"
+    assert settings.clickhouse.dsn == f"chdb:///{tmp_path.resolve() / 'clickhouse'}"
 
 
 @pytest.mark.parametrize(
     ("env", "value", "field"),
     [
         ("HYMIREC_BROKER_PORT", "not-a-port", "HYMIREC_BROKER_PORT"),
-        ("HYMIREC_TOPIC_PARTITIONS", "0", "HYMIREC_TOPIC_PARTITIONS"),
+        ("HYMIREC_TOPIC_PARTITIONS", "0", "HYMIREC_KAFKA_EVENTS_TOPIC_PARTITIONS and"),
+        ("HYMIREC_RECENT_LEN", "20", r"HYMIREC_RECENT_LEN \(renamed HYMIREC_FEATURES_RECENT_LEN\)"),
+        ("HYMIREC_FAUST_APP_ID", "x", r"\(renamed HYMIREC_WORKER_APP_ID\)"),
         ("HYMIREC_NO_SUCH_FIELD", "1", r"HYMIREC_NO_SUCH_FIELD \(no setting is close\)"),
         (
             "HYMIREC_KAFKA_BOOTSTRAPP",
@@ -63,22 +65,38 @@ def test_every_field_round_trips_through_the_environment(
     """What ServiceProcess and `hymirec dashboard` hand a child process is accepted there."""
     parent = Settings(data_dir=tmp_path, dashboard_host="0.0.0.0", broker_port=12345)
     env = parent.placeholders()
-    assert len(env) >= len(Settings.model_fields) - 1  # all but a None cache_dir
+    assert len(env) >= len(list(setting_names())) - 1  # all but a None cache_dir
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     child = load_settings()
-    assert child.dashboard_host == "0.0.0.0" and child.kafka_bootstrap == "127.0.0.1:12345"
+    assert child.dashboard.host == "0.0.0.0" and child.kafka.bootstrap == "127.0.0.1:12345"
+    unchanged = {k: v for k, v in parent.flat().items() if k != "cache_dir"}  # made explicit
+    assert {k: v for k, v in child.flat().items() if k in unchanged} == unchanged
     assert child.data_dir == tmp_path.resolve()
 
 
 def test_recent_history_cannot_exceed_long_history() -> None:
     with pytest.raises(ConfigError, match="recent_len"):
-        load_settings(recent_len=100, long_len=50)
+        load_settings(features_recent_len=100, features_long_len=50)
 
 
 def test_templates_are_filled_from_settings_and_unknown_names_fail(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, redis_url="redis:6379")
-    text = "path: ${HYMIREC_DATA_DIR}/x\nredis: ${HYMIREC_REDIS_URL}\n"
+    settings = Settings(data_dir=tmp_path, features_redis_url="redis:6379")
+    text = "path: ${HYMIREC_DATA_DIR}/x\nredis: ${HYMIREC_FEATURES_REDIS_URL}\n"
     assert settings.fill_template(text) == f"path: {tmp_path.resolve()}/x\nredis: redis:6379\n"
     with pytest.raises(ConfigError, match="HYMIREC_NOPE"):
         settings.fill_template("${HYMIREC_NOPE}")
+
+
+def test_groups_take_flat_names_and_a_copy_is_validated(tmp_path: Path) -> None:
+    """``worker_instance_id`` (the environment's name) sets ``settings.worker.instance_id``;
+    ``updated`` changes some settings by the same names, validated, and refuses unknown ones."""
+    settings = Settings(data_dir=tmp_path, worker_instance_id="worker-1", sink={"batch_size": 7})
+    assert settings.worker.instance_id == "worker-1" and settings.sink.batch_size == 7
+    copy = settings.updated(sink_instance_id="sink-2", worker_batch_size=5)
+    assert (copy.sink.instance_id, copy.sink.batch_size, copy.worker.batch_size) == ("sink-2", 7, 5)
+    assert copy.worker.instance_id == "worker-1" and settings.sink.instance_id == "sink-0"
+    with pytest.raises(ConfigError, match="no such settings"):
+        settings.updated(sink_instance="x")
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        settings.updated(sink_batch_size=0)

@@ -72,11 +72,11 @@ def check_models(names: Sequence[str]) -> list[str]:
 def _device(settings: Settings) -> str:
     import torch
 
-    if settings.trainer_device == "auto":
+    if settings.trainer.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if settings.trainer_device.startswith("cuda") and not torch.cuda.is_available():
+    if settings.trainer.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("HYMIREC_TRAINER_DEVICE asks for CUDA but no GPU is visible")
-    return settings.trainer_device
+    return settings.trainer.device
 
 
 class _DeadLetters:
@@ -88,9 +88,9 @@ class _DeadLetters:
     def send(self, record: ConsumerRecord, reason: str, detail: str) -> None:
         if self._producer is None:
             self._producer = KafkaProducer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
+                bootstrap_servers=self.settings.kafka.bootstrap,
                 acks="all",
-                max_request_size=self.settings.max_message_bytes,
+                max_request_size=self.settings.kafka.max_message_bytes,
             )
         headers = [
             ("reason", reason.encode()),
@@ -98,7 +98,10 @@ class _DeadLetters:
             ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
         self._producer.send(
-            self.settings.dead_letter_topic, key=record.key, value=record.value, headers=headers
+            self.settings.kafka.dead_letter_topic,
+            key=record.key,
+            value=record.value,
+            headers=headers,
         )
         self.count += 1
         log.warning(
@@ -126,13 +129,13 @@ def _parse(
             continue
         largest = max(sample.item_id, *sample.recent_item_ids, 0)
         if (
-            largest > settings.trainer_max_item_id
+            largest > settings.trainer.max_item_id
             or min([sample.item_id, *sample.recent_item_ids]) < 1
         ):
             dead.send(
                 record,
                 "item_id_out_of_range",
-                f"item ids must be 1..{settings.trainer_max_item_id} (HYMIREC_TRAINER_MAX_ITEM_ID)",
+                f"item ids must be 1..{settings.trainer.max_item_id} (HYMIREC_TRAINER_MAX_ITEM_ID)",
             )
             continue
         ingest = sample.ingest_ts_ms if sample.ingest_ts_ms is not None else record.timestamp
@@ -175,8 +178,8 @@ def _start_trainers(
 
 def torch_threads(settings: Settings) -> int:
     """Torch's intra-op threads: ``trainer_threads``, else one per CPU this process may use."""
-    if settings.trainer_threads > 0:
-        return settings.trainer_threads
+    if settings.trainer.threads > 0:
+        return settings.trainer.threads
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -206,9 +209,9 @@ def run_trainer(
     stop = stop or threading.Event()
     store = CheckpointRegistry(settings.registry_dir)
     options = TrainerOptions(
-        lr=settings.trainer_lr,
-        replay_ratio=settings.trainer_replay_ratio,
-        seed=settings.trainer_seed,
+        lr=settings.trainer.lr,
+        replay_ratio=settings.trainer.replay_ratio,
+        seed=settings.trainer.seed,
         device=_device(settings),
     )
     report = TrainerReport(versions={n: [] for n in names})
@@ -217,15 +220,15 @@ def run_trainer(
         ensure_topics(settings)
         try:
             consumer = KafkaConsumer(
-                bootstrap_servers=settings.kafka_bootstrap,
-                group_id=settings.trainer_group_id,
+                bootstrap_servers=settings.kafka.bootstrap,
+                group_id=settings.trainer.group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
-                max_partition_fetch_bytes=settings.max_message_bytes,
-                fetch_max_bytes=4 * settings.max_message_bytes,
+                max_partition_fetch_bytes=settings.kafka.max_message_bytes,
+                fetch_max_bytes=4 * settings.kafka.max_message_bytes,
             )
         except KafkaError as exc:
-            raise BrokerError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
+            raise BrokerError(f"cannot reach Kafka at {settings.kafka.bootstrap}: {exc}") from exc
         dead = _DeadLetters(settings)
         try:
             _consume(settings, consumer, trainers, store, dead, report, stop, max_idle_s)
@@ -244,12 +247,12 @@ def _assign(
     """Assign every partition and seek to the lowest offset a model needs; fill
     ``absorb_until`` with the topic's end offsets for the models starting from an offline
     checkpoint."""
-    topic = settings.training_topic
+    topic = settings.kafka.training_topic
     deadline = time.monotonic() + 30
     partitions = consumer.partitions_for_topic(topic)
     while not partitions:
         if time.monotonic() > deadline:
-            raise TrainerError(f"topic {topic} has no partitions on {settings.kafka_bootstrap}")
+            raise TrainerError(f"topic {topic} has no partitions on {settings.kafka.bootstrap}")
         time.sleep(0.2)
         partitions = consumer.partitions_for_topic(topic)
     assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
@@ -265,7 +268,7 @@ def _assign(
     log.info(
         "trainer ready: %s on %s, models %s",
         topic,
-        settings.kafka_bootstrap,
+        settings.kafka.bootstrap,
         ", ".join(f"{n} ({t.version or 'new'})" for n, t in trainers.items()),
     )
     return assigned
@@ -286,7 +289,9 @@ def _publish(
         if not trainer.has_pending or name in absorbing:
             continue  # an offline start publishes once it has caught up, not on the way
         metrics = trainer.metrics()
-        published = trainer.publish(store, settings.training_topic, settings.trainer_keep_versions)
+        published = trainer.publish(
+            store, settings.kafka.training_topic, settings.trainer.keep_versions
+        )
         report.versions[name].append(published.version)
         meta = published.metadata
         log.info(
@@ -341,9 +346,9 @@ def _consume(
     last_record = last_log = time.monotonic()
     logged_samples = 0
     # The embedded broker answers an empty fetch at once: pause after empty ones.
-    install_kafka_python_backoff(consumer, settings.kafka_empty_fetch_backoff_ms)
+    install_kafka_python_backoff(consumer, settings.kafka.empty_fetch_backoff_ms)
     while not stop.is_set():
-        polled = consumer.poll(timeout_ms=200, max_records=settings.trainer_batch_size)
+        polled = consumer.poll(timeout_ms=200, max_records=settings.trainer.batch_size)
         now = time.monotonic()
         records = sorted(
             (r for batch in polled.values() for r in batch), key=lambda r: (r.partition, r.offset)
@@ -374,8 +379,8 @@ def _consume(
             log.info("%s: caught up with the samples its offline start stands for", name)
         due = (
             bool(caught_up)
-            or since_publish >= settings.trainer_publish_every_samples
-            or (since_publish and now - last_publish >= settings.trainer_publish_every_s)
+            or since_publish >= settings.trainer.publish_every_samples
+            or (since_publish and now - last_publish >= settings.trainer.publish_every_s)
         )
         if due:
             _publish(settings, consumer, trainers, store, dead, report, assigned, absorb_until)

@@ -151,7 +151,7 @@ def test_a_chdb_directory_held_by_another_process_gives_a_clear_error(
     with analytics_client(settings):
         pass  # create the directory and schema, then let go of it
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, settings.clickhouse_dsn],
+        [sys.executable, "-c", HOLDER, settings.clickhouse.dsn],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -159,7 +159,7 @@ def test_a_chdb_directory_held_by_another_process_gives_a_clear_error(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        assert chdb_owner_pid(settings.clickhouse_dsn) == holder.pid
+        assert chdb_owner_pid(settings.clickhouse.dsn) == holder.pid
         with pytest.raises(AnalyticsError) as raised:
             open_client(settings)
         message = str(raised.value)
@@ -177,7 +177,7 @@ def test_a_chdb_directory_held_by_another_process_gives_a_clear_error(
         assert holder.wait(timeout=30) == 0
 
     # Once the owner has closed its client, this process opens the directory normally.
-    assert chdb_owner_pid(settings.clickhouse_dsn) is None
+    assert chdb_owner_pid(settings.clickhouse.dsn) is None
     with analytics_client(settings) as client:
         assert scalar(client, "SELECT count() FROM events") == 0
 

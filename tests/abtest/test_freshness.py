@@ -74,19 +74,19 @@ def previous_seen(monkeypatch: pytest.MonkeyPatch) -> list[PipelineSnapshot | No
         return PipelineSnapshot(
             schema_version=SNAPSHOT_SCHEMA_VERSION,
             generated_at_ms=now_ms,
-            bootstrap=settings.kafka_bootstrap,
+            bootstrap=settings.kafka.bootstrap,
             reachable=True,
             error=None,
-            events_topic=settings.events_topic,
+            events_topic=settings.kafka.events_topic,
             events_end_offset=None,
             events_per_s=None,
             rate_interval_s=None,
-            dead_letter_topic=settings.dead_letter_topic,
+            dead_letter_topic=settings.kafka.dead_letter_topic,
             dead_letter_records=None,
             consumer_lag=[
-                lag(settings.sink_group_id, settings.events_topic, 999),
-                lag(settings.trainer_group_id, settings.events_topic, 888),  # not its topic
-                lag(settings.trainer_group_id, settings.training_topic, 123),
+                lag(settings.sink.group_id, settings.kafka.events_topic, 999),
+                lag(settings.trainer.group_id, settings.kafka.events_topic, 888),  # not its topic
+                lag(settings.trainer.group_id, settings.kafka.training_topic, 123),
             ],
         )
 

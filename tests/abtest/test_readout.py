@@ -154,7 +154,9 @@ def reference_user_metrics(events: list[Event], items: pd.DataFrame) -> pd.DataF
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Experiment]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("readout"), cuped_pre_days=PRE_DAYS)
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("readout"), readout_cuped_pre_days=PRE_DAYS
+    )
     events, items = synthetic_events()
     with analytics_client(settings) as client:
         load_item_dimension(client, items)
@@ -330,7 +332,7 @@ def test_readout_through_settings_and_the_cli(
     pd.testing.assert_frame_equal(via_settings.table, direct.table)
 
     monkeypatch.setenv("HYMIREC_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("HYMIREC_CUPED_PRE_DAYS", str(PRE_DAYS))
+    monkeypatch.setenv("HYMIREC_READOUT_CUPED_PRE_DAYS", str(PRE_DAYS))
     assert main(["readout", EXP, "--notes", "pooled training"]) == 0
     printed = capsys.readouterr().out
     assert printed.strip() == format_readout(

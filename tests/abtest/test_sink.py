@@ -99,7 +99,7 @@ def produce(settings: Settings, events: list[Event]) -> tuple[int, int, Counter[
             if i % 40 == 0:
                 raw, _ = INVALID[(i // 40) % len(INVALID)]
                 producer.send_raw(event_key(event.user_id), raw)
-        too_large = b'{"pad": "' + b"x" * settings.max_event_bytes + b'"}'
+        too_large = b'{"pad": "' + b"x" * settings.kafka.max_event_bytes + b'"}'
         producer.send_raw(None, too_large)
     invalid = Counter(INVALID[(i // 40) % len(INVALID)][1] for i in range(0, len(events), 40))
     invalid["too_large"] += 1
@@ -108,7 +108,7 @@ def produce(settings: Settings, events: list[Event]) -> tuple[int, int, Counter[
 
 def committed_offsets(settings: Settings) -> int:
     """Sum over partitions of the sink group's committed offsets (0 where none)."""
-    return sum(o or 0 for o in group_offsets(settings, settings.sink_group_id).values())
+    return sum(o or 0 for o in group_offsets(settings, settings.sink.group_id).values())
 
 
 def run_in_thread(sink: EventSink) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
@@ -167,7 +167,7 @@ def test_redeliveries_and_invalid_records_give_exact_counts(settings: Settings) 
         assert stats.records == stats.committed == total
         assert stats.inserted == valid_sent  # copies go in; the table collapses them
         assert stats.invalid == invalid
-        assert stats.batches >= total // settings.sink_batch_size
+        assert stats.batches >= total // settings.sink.batch_size
         assert_exact_counts(client, events)
     assert committed_offsets(settings) == total
 
@@ -299,7 +299,7 @@ def test_a_rebalance_inserts_the_pending_batch_and_loses_nothing(
     events = experiment_events(users=160, seed=17)
     _, total, _ = produce(settings, events)
     # The first member's batch stays pending (no size or time flush) until the rebalance.
-    slow = settings.model_copy(update={"sink_batch_size": 100_000, "sink_batch_window_s": 8.0})
+    slow = settings.updated(sink_batch_size=100_000, sink_batch_window_s=8.0)
     with analytics_client(settings) as client:
         first = EventSink(slow, client)
         insert_pending, commit_inserted = first.insert_pending, first._commit_inserted
@@ -318,7 +318,7 @@ def test_a_rebalance_inserts_the_pending_batch_and_loses_nothing(
 
         first.insert_pending = slow_insert  # type: ignore[method-assign]
         first._commit_inserted = slow_commit  # type: ignore[method-assign]
-        second = EventSink(settings.model_copy(update={"sink_instance_id": "sink-1"}), client)
+        second = EventSink(settings.updated(sink_instance_id="sink-1"), client)
         thread_1, stop_1, errors_1 = run_in_thread(first)
         threads = [(thread_1, stop_1)]
         try:

@@ -220,7 +220,7 @@ def test_app_shows_models_and_pipeline(
     models = next(d.value for d in at.dataframe if "samples seen" in d.value.columns)
     assert list(models["version"]) == ["v000007"]
     labels = {m.label: m.value for m in at.metric}
-    assert labels[f"records in {settings.events_topic}"] == "1"
+    assert labels[f"records in {settings.kafka.events_topic}"] == "1"
     assert labels["dead-letter records"] == "0"
     lags = next(d.value for d in at.dataframe if "lag" in d.value.columns)
     assert len(lags) == 3

@@ -147,7 +147,7 @@ def test_dashboard_charts_render_in_chromium(published: Published, tmp_path: Pat
     data_dir = tmp_path / "data"
     shutil.copytree(published.folder, data_dir / "readouts")
     settings = Settings(data_dir=data_dir, dashboard_port=free_port(), serve_port=free_port())
-    url = f"http://127.0.0.1:{settings.dashboard_port}"
+    url = f"http://127.0.0.1:{settings.dashboard.port}"
     debug_port = free_port()
     with ServiceProcess("dashboard", ["dashboard"], settings) as dashboard:
         wait_until(

@@ -42,7 +42,7 @@ def test_the_dashboard_binds_the_configured_address(tmp_path: Path) -> None:
         data_dir=tmp_path, dashboard_host=HOST, dashboard_port=free_port(), serve_port=free_port()
     )
     with ServiceProcess("dashboard", ["dashboard"], settings) as dashboard:
-        port = settings.dashboard_port
+        port = settings.dashboard.port
         wait_until(
             lambda: healthy(HOST, port) or not dashboard.alive(), 120, "the dashboard on 127.0.0.2"
         )
@@ -54,4 +54,4 @@ def test_the_dashboard_binds_the_configured_address(tmp_path: Path) -> None:
 
 
 def test_the_default_is_loopback_only() -> None:
-    assert Settings().dashboard_host == "127.0.0.1"
+    assert Settings().dashboard.host == "127.0.0.1"

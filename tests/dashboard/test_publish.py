@@ -268,17 +268,18 @@ def test_pipeline_health_on_the_broker(make_settings: Callable[..., Settings]) -
         producer.send_many(events[:30])
         for k in range(5):
             producer.send_raw(event_key(k), b"{bad")
-    dead_letters = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    dead_letters = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap)
     try:
-        dead_letters.send(settings.dead_letter_topic, value=b"{}").get(timeout=30)
+        dead_letters.send(settings.kafka.dead_letter_topic, value=b"{}").get(timeout=30)
     finally:
         dead_letters.close()
     parts = [
-        TopicPartition(settings.events_topic, p) for p in range(settings.events_topic_partitions)
+        TopicPartition(settings.kafka.events_topic, p)
+        for p in range(settings.kafka.events_topic_partitions)
     ]
     committer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=settings.sink_group_id,
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=settings.sink.group_id,
         enable_auto_commit=False,
     )
     try:
@@ -296,9 +297,9 @@ def test_pipeline_health_on_the_broker(make_settings: Callable[..., Settings]) -
     assert first.dead_letter_records == 1
     lags = {lag.role: lag for lag in first.consumer_lag}
     assert lags["ClickHouse sink"].lag == total - sum(committed.values())
-    assert lags["ClickHouse sink"].committed_partitions == settings.events_topic_partitions
+    assert lags["ClickHouse sink"].committed_partitions == settings.kafka.events_topic_partitions
     assert lags["stream worker"].lag == 35 and lags["stream worker"].committed_partitions == 0
-    assert lags["trainer"].lag == 0 and lags["trainer"].topic == settings.training_topic
+    assert lags["trainer"].lag == 0 and lags["trainer"].topic == settings.kafka.training_topic
 
     with EventProducer(settings) as producer:
         producer.send_many(events[30:])
@@ -417,7 +418,7 @@ def test_cli_publishes_once(
 
 @pytest.mark.integration
 def test_publish_loop_repeats_until_stopped(copied_data: Path, broker: LocalBroker) -> None:
-    settings = Settings(data_dir=copied_data, broker_port=broker.port, events_topic="nowhere")
+    settings = Settings(data_dir=copied_data, broker_port=broker.port, kafka_events_topic="nowhere")
     path = settings.readouts_dir / snapshot_filename(BALANCED)
     stop, seen, result = threading.Event(), set(), []
 

@@ -25,8 +25,8 @@ def test_both_configs_parse_with_paths_from_settings(tmp_path: Path) -> None:
     production = _repo_config(
         Settings(
             data_dir=tmp_path,
-            feast_config=FEATURE_REPO_DIR / "feature_store.production.yaml",
-            redis_url="redis.internal:6379",
+            features_store_config=FEATURE_REPO_DIR / "feature_store.production.yaml",
+            features_redis_url="redis.internal:6379",
         )
     )
     assert production.online_store.type == "redis"
@@ -35,7 +35,9 @@ def test_both_configs_parse_with_paths_from_settings(tmp_path: Path) -> None:
 
 def test_a_missing_config_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FeatureStoreError, match="cannot read Feast config"):
-        FeatureStoreClient(Settings(data_dir=tmp_path, feast_config=tmp_path / "nope.yaml"))
+        FeatureStoreClient(
+            Settings(data_dir=tmp_path, features_store_config=tmp_path / "nope.yaml")
+        )
 
 
 def test_pushed_histories_read_back_and_later_pushes_replace_them(tmp_path: Path) -> None:

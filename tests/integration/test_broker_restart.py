@@ -77,7 +77,7 @@ def running_broker(folder: Path) -> Iterator[tuple[LocalBroker, Settings]]:
             "data_dir": folder / "data",
             "broker_host": broker.host,
             "broker_port": broker.port,
-            "events_topic_partitions": 4,
+            "kafka_events_topic_partitions": 4,
         }
         settings = Settings(**values)
         ensure_topics(settings)
@@ -117,11 +117,11 @@ def wait_for_save(broker: LocalBroker, settings: Settings) -> None:
     second started after the first had finished. Each wait first writes a marker record (to the
     training topic, which nobody reads here) so that there is a change to save.
     """
-    marker = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    marker = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
     try:
         for _ in range(2):
             before = saved_state(broker)
-            marker.send(settings.training_topic, b"marker").get(timeout=30)
+            marker.send(settings.kafka.training_topic, b"marker").get(timeout=30)
 
             def saved(before: tuple[int, int] | None = before) -> bool:
                 return saved_state(broker) != before
@@ -134,12 +134,13 @@ def wait_for_save(broker: LocalBroker, settings: Settings) -> None:
 def read_log(settings: Settings) -> Counter[uuid.UUID]:
     """How often each event id is in the events topic, read to its end offsets."""
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
     parts = [
-        TopicPartition(settings.events_topic, p) for p in range(settings.events_topic_partitions)
+        TopicPartition(settings.kafka.events_topic, p)
+        for p in range(settings.kafka.events_topic_partitions)
     ]
     consumer.assign(parts)
     ends = consumer.end_offsets(parts)

@@ -16,10 +16,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from core.settings import Settings
+from core.settings import Settings, setting_names
 from hymirec.processes import ServiceProcess
 from tests.conftest import free_port, wait_until
 from tests.docker_stack import (
@@ -55,7 +56,7 @@ def healthcheck_passes(run: Running) -> bool:
     argv = [str(a) for a in services()[run.service]["healthcheck"]["test"]]
     for key, value in environment(run.service).items():
         if key.endswith("_PORT"):
-            port = getattr(run.settings, key.removeprefix("HYMIREC_").lower())
+            port = run.settings.flat()[key.removeprefix("HYMIREC_").lower()]
             argv = [a.replace(f"127.0.0.1:{value}", f"127.0.0.1:{port}") for a in argv]
     if argv[0] == "CMD-SHELL":
         argv = ["sh", "-c", argv[1]]
@@ -117,7 +118,13 @@ def missing_from_cli(args: list[str]) -> str | None:
 
 
 # What differs between the stack and the embedded mode: endpoints, listening addresses, device.
-EMBEDDED_FIELDS = {"data_dir", "kafka_bootstrap", "clickhouse_dsn", "feast_config", "redis_url"}
+EMBEDDED_FIELDS = {
+    "data_dir",
+    "kafka_bootstrap",
+    "clickhouse_dsn",
+    "features_store_config",
+    "features_redis_url",
+}
 EMBEDDED_FIELDS |= {
     "serve_host",
     "dashboard_host",
@@ -128,10 +135,27 @@ EMBEDDED_FIELDS |= {
 
 # Settings every service of one stack shares: its data folder (features-init writes the feature
 # repository the others read), its topics and its worker's app id.
-SHARED_FIELDS = ("data_dir", "events_topic", "dead_letter_topic", "training_topic", "faust_app_id")
+SHARED_FIELDS = (
+    "data_dir",
+    "kafka_events_topic",
+    "kafka_dead_letter_topic",
+    "kafka_training_topic",
+    "worker_app_id",
+)
 # chdb lets one process own a ClickHouse folder: in the stack both talk to one server, here each
 # gets a data folder of its own (neither reads the feature repository).
 OWN_DATA_DIR = {"sink", "readout-publisher"}
+
+
+def flat_set(settings: Settings) -> dict[str, Any]:
+    """The settings the compose file sets explicitly, by flat name."""
+    values: dict[str, Any] = {}
+    for name, value in settings.model_dump(exclude_unset=True).items():
+        if isinstance(value, dict):
+            values |= {f"{name}_{k}": v for k, v in value.items()}
+        else:
+            values[name] = value
+    return values
 
 
 def embedded_settings(
@@ -139,12 +163,12 @@ def embedded_settings(
 ) -> Settings:
     """The service's own settings from the compose file, with embedded endpoints, free ports,
     consumer groups of its own on the session broker, and the stack's shared fields."""
-    production = settings_of(service).model_dump(exclude_unset=True)
+    production = flat_set(settings_of(service))
     values = {k: v for k, v in production.items() if k not in EMBEDDED_FIELDS}
-    fields = [f for f in Settings.model_fields if f != "broker_port"]
+    fields = [f for f, _ in setting_names() if f != "broker_port"]
     values |= {f: free_port() for f in fields if f.endswith("_port")}
     values |= {f: f"{f}-{uuid.uuid4().hex[:8]}" for f in fields if f.endswith("_group_id")}
-    values |= {f: getattr(stack, f) for f in SHARED_FIELDS}
+    values |= {f: stack.flat()[f] for f in SHARED_FIELDS}
     if service in OWN_DATA_DIR:
         values["data_dir"] = tmp_path / service
     return make_settings(**values)

@@ -55,8 +55,8 @@ def served(
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("served"),
         cache_dir=EMBEDDING_CACHE,
-        recent_len=RECENT,
-        long_len=LONG,
+        features_recent_len=RECENT,
+        features_long_len=LONG,
     )
     built = build_item_features(settings)
     store = FeatureStoreClient(settings)
@@ -159,7 +159,7 @@ def test_the_server_survives_a_republish_and_old_rows_still_decode(
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        reseeded = settings.model_copy(update={"codebook_seed": settings.codebook_seed + 1})
+        reseeded = settings.updated(codebook_seed=settings.codebook.seed + 1)
         build = ServiceProcess("republish", ["features", "build"], reseeded).start()
         assert build.process is not None
         assert build.process.wait(timeout=600) == 0, build.tail()

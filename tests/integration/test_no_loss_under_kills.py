@@ -120,8 +120,8 @@ class Probes:
         self.store = FeatureStoreClient(settings)
         self.registry = CheckpointRegistry(settings.registry_dir)
         self._offsets = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            group_id=settings.sink_group_id,
+            bootstrap_servers=settings.kafka.bootstrap,
+            group_id=settings.sink.group_id,
             enable_auto_commit=False,
         )
 
@@ -130,7 +130,10 @@ class Probes:
         return sum(r.history_len for r in rows.values() if r is not None)
 
     def sink_committed(self) -> int:
-        topic, parts = self.settings.events_topic, range(self.settings.events_topic_partitions)
+        topic, parts = (
+            self.settings.kafka.events_topic,
+            range(self.settings.kafka.events_topic_partitions),
+        )
         return sum(self._offsets.committed(TopicPartition(topic, p)) or 0 for p in parts)
 
     def trainer_samples(self) -> int:
@@ -152,10 +155,12 @@ class Probes:
             return produced - self.sink_committed()
         latest = self.registry.latest(TRAINED_MODEL)
         learned = 0 if latest is None else sum(latest.metadata["offsets"].values())
-        return sum(self.end_offsets(self.settings.training_topic).values()) - learned
+        return sum(self.end_offsets(self.settings.kafka.training_topic).values()) - learned
 
     def end_offsets(self, topic: str) -> dict[int, int]:
-        parts = [TopicPartition(topic, p) for p in range(self.settings.events_topic_partitions)]
+        parts = [
+            TopicPartition(topic, p) for p in range(self.settings.kafka.events_topic_partitions)
+        ]
         return {tp.partition: o for tp, o in self._offsets.end_offsets(parts).items()}
 
     def close(self) -> None:
@@ -332,7 +337,7 @@ def run_chaos(
         wait_until(lambda: producer.produced(chunks), 300, "the whole stream to be produced")
         report.produced_s = time.monotonic() - started
         positives = len(stream.positives)
-        ends = probes.end_offsets(settings.events_topic)
+        ends = probes.end_offsets(settings.kafka.events_topic)
         targets: list[tuple[str, Counting, int]] = [
             ("worker", probes.online_events, positives),
             ("sink", probes.sink_committed, sum(ends.values())),
@@ -362,8 +367,8 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     settings = make_settings(
-        recent_len=20,
-        long_len=300,
+        features_recent_len=20,
+        features_long_len=300,
         sink_group_id=f"sink-{tag}",  # a private group: kills leave none behind for other tests
         trainer_group_id=f"trainer-{tag}",
         sink_batch_size=2000,
@@ -388,10 +393,14 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
         row = online[user]
         assert row is not None, f"user {user}"
         assert row.history_len == len(items), f"user {user}"
-        assert row.recent_item_ids == items[-settings.recent_len :].tolist(), f"user {user}"
+        assert row.recent_item_ids == items[-settings.features.recent_len :].tolist(), (
+            f"user {user}"
+        )
         assert row.last_ts_ms == stream.last_ts_ms[user], f"user {user}"
         codes = built.codebook.unpack(row.long_codes)
-        np.testing.assert_array_equal(codes, built.table.lookup(items[-settings.long_len :]))
+        np.testing.assert_array_equal(
+            codes, built.table.lookup(items[-settings.features.long_len :])
+        )
 
     # ClickHouse: each produced event once, per type, whatever was inserted twice after a kill.
     with analytics_client(settings) as client:
@@ -413,10 +422,10 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
     assert meta["samples_seen"] == len(positives) == RATINGS
     digest = sum(e.event_id.int for e in positives) % 2**64
     assert meta["sample_digest"] == f"{digest:016x}"
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap)
     parts = [
-        TopicPartition(settings.training_topic, p)
-        for p in range(settings.training_topic_partitions)
+        TopicPartition(settings.kafka.training_topic, p)
+        for p in range(settings.kafka.training_topic_partitions)
     ]
     ends = {tp.partition: o for tp, o in consumer.end_offsets(parts).items()}
     consumer.close()

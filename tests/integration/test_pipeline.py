@@ -33,13 +33,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float = 60) -> list:
     """Every record of ``topic`` once ``expected`` are there (fails on fewer after the timeout)."""
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         consumer_timeout_ms=2000,
         fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=32 * 1024 * 1024,
     )
-    partitions = [TopicPartition(topic, p) for p in range(settings.events_topic_partitions)]
+    partitions = [TopicPartition(topic, p) for p in range(settings.kafka.events_topic_partitions)]
     consumer.assign(partitions)
     records: list = []
     deadline = time.monotonic() + timeout_s
@@ -52,7 +52,7 @@ def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float =
 @pytest.fixture
 def pipeline(make_settings: Callable[..., Settings]) -> Iterator[tuple[Settings, ItemFeatures]]:
     # P=300 < the heaviest users' 737 ratings, so truncation of the long history is exercised.
-    settings = make_settings(recent_len=20, long_len=300)
+    settings = make_settings(features_recent_len=20, features_long_len=300)
     ensure_topics(settings)
     built = build_item_features(settings)
     worker = ServiceProcess("worker", ["worker"], settings).start()
@@ -81,12 +81,14 @@ def test_replaying_movielens_gives_exact_online_histories(
     for user, items in histories.items():
         row = online[user]
         assert row is not None
-        assert row.recent_item_ids == items[-settings.recent_len :].tolist(), f"user {user}"
+        assert row.recent_item_ids == items[-settings.features.recent_len :].tolist(), (
+            f"user {user}"
+        )
         assert row.history_len == len(items)
         assert row.last_ts_ms == last_ts[user]
         assert row.codebook_version == codebook.version
         codes = codebook.unpack(row.long_codes)
-        long_items = items[-settings.long_len :]
+        long_items = items[-settings.features.long_len :]
         np.testing.assert_array_equal(codes, table.lookup(long_items), err_msg=f"user {user}")
         # Decoding the pushed codes gives the codebook's reconstruction of those very items.
         rows = np.searchsorted(table.item_ids, long_items)
@@ -94,7 +96,7 @@ def test_replaying_movielens_gives_exact_online_histories(
         np.testing.assert_allclose(codebook.decode(codes), reference, rtol=0, atol=1e-6)
 
     # One training sample per positive event, each user's numbered 0..n-1 in order.
-    samples = read_topic(settings, settings.training_topic, expected=100_000)
+    samples = read_topic(settings, settings.kafka.training_topic, expected=100_000)
     assert len(samples) == 100_000
     seqs: dict[int, list[int]] = defaultdict(list)
     for record in samples:
@@ -149,13 +151,15 @@ def test_bad_records_go_to_the_dead_letter_topic_and_valid_ones_are_processed(
         assert online[user] is not None
         assert online[user].recent_item_ids == sent_valid[user]
 
-    dead = read_topic(settings, settings.dead_letter_topic, expected=2 * 3 * len(bad))
+    dead = read_topic(settings, settings.kafka.dead_letter_topic, expected=2 * 3 * len(bad))
     assert len(dead) == 2 * 3 * len(bad)
     by_payload = defaultdict(list)
     for record in dead:
         headers = dict(record.headers)
         by_payload[record.value].append(headers["reason"].decode())
-        assert headers["error"] and headers["source"].startswith(settings.events_topic.encode())
+        assert headers["error"] and headers["source"].startswith(
+            settings.kafka.events_topic.encode()
+        )
     for name, payload in bad.items():
         # Each bad record is kept whole (the 10 MB one too) with the reason it was refused.
         assert by_payload[payload] == [expected_reason[name]] * 6, name

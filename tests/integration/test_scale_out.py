@@ -61,9 +61,7 @@ class Stack:
         self.running: dict[str, ServiceProcess] = {}
 
     def start_worker(self, name: str) -> ServiceProcess:
-        replica = self.settings.model_copy(
-            update={"worker_instance_id": name, "worker_web_port": free_port()}
-        )
+        replica = self.settings.updated(worker_instance_id=name, worker_web_port=free_port())
         return self._start(name, ["worker"], replica)
 
     def start_sink(self, name: str) -> ServiceProcess:
@@ -71,7 +69,7 @@ class Stack:
 
     def sink_settings(self, name: str) -> Settings:
         dsn = f"chdb:///{self.tmp_path / f'clickhouse-{name}'}"
-        return self.settings.model_copy(update={"sink_instance_id": name, "clickhouse_dsn": dsn})
+        return self.settings.updated(sink_instance_id=name, clickhouse_dsn=dsn)
 
     def start_trainer(self) -> ServiceProcess:
         return self._start("trainer", ["trainer"], self.settings)
@@ -118,7 +116,7 @@ def run_scale_out(settings: Settings, stack: Stack, stream: Stream) -> dict[str,
     size = -(-len(stream.events) // CHUNKS)
     chunks = [stream.events[i * size : (i + 1) * size] for i in range(CHUNKS)]
     positives_before = [sum(e.is_positive for c in chunks[:i] for e in c) for i in range(CHUNKS)]
-    topic = re.escape(settings.events_topic)
+    topic = re.escape(settings.kafka.events_topic)
 
     def progress_past(chunk: int) -> Callable[[], bool]:
         def moved() -> bool:
@@ -157,7 +155,7 @@ def run_scale_out(settings: Settings, stack: Stack, stream: Stream) -> dict[str,
         stack.running["worker-2"].kill()
         stack.start_worker("worker-2")
         positives = len(stream.positives)
-        total = sum(probes.end_offsets(settings.events_topic).values())
+        total = sum(probes.end_offsets(settings.kafka.events_topic).values())
         assert total == len(stream.events)
         for what, count, target in [
             ("the online histories", probes.online_events, positives),
@@ -181,10 +179,14 @@ def assert_exact_online_histories(settings: Settings, built: ItemFeatures, strea
         row = online[user]
         assert row is not None, f"user {user}"
         assert row.history_len == len(items), f"user {user}"
-        assert row.recent_item_ids == items[-settings.recent_len :].tolist(), f"user {user}"
+        assert row.recent_item_ids == items[-settings.features.recent_len :].tolist(), (
+            f"user {user}"
+        )
         assert row.last_ts_ms == stream.last_ts_ms[user], f"user {user}"
         codes = built.codebook.unpack(row.long_codes)
-        np.testing.assert_array_equal(codes, built.table.lookup(items[-settings.long_len :]))
+        np.testing.assert_array_equal(
+            codes, built.table.lookup(items[-settings.features.long_len :])
+        )
 
 
 def assert_exact_clickhouse(stack: Stack, stream: Stream) -> None:
@@ -210,7 +212,7 @@ def assert_exact_trainer(settings: Settings, stream: Stream) -> None:
     assert meta["sample_digest"] == f"{digest:016x}"
     probes = Probes(settings, [])
     try:
-        ends = probes.end_offsets(settings.training_topic)
+        ends = probes.end_offsets(settings.kafka.training_topic)
     finally:
         probes.close()
     assert {int(p): o for p, o in meta["offsets"].items()} == ends
@@ -227,8 +229,8 @@ def test_replicas_share_partitions_and_results_stay_exact(
     ratings: int, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     settings = make_settings(
-        recent_len=20,
-        long_len=300,
+        features_recent_len=20,
+        features_long_len=300,
         sink_batch_size=2000,
         sink_batch_window_s=0.5,
         trainer_models=TRAINED_MODEL,

@@ -31,7 +31,7 @@ EVENTS = 30_000
 
 
 def test_killed_workers_resume_exactly(make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings(recent_len=20, long_len=300)
+    settings = make_settings(features_recent_len=20, features_long_len=300)
     ensure_topics(settings)
     built = build_item_features(settings)
     ratings = load_ratings().head(EVENTS)
@@ -60,12 +60,14 @@ def test_killed_workers_resume_exactly(make_settings: Callable[..., Settings]) -
         for user, items in histories.items():
             row = online[user]
             assert row is not None and row.history_len == len(items)
-            assert row.recent_item_ids == items[-settings.recent_len :].tolist()
+            assert row.recent_item_ids == items[-settings.features.recent_len :].tolist()
             codes = built.codebook.unpack(row.long_codes)
-            np.testing.assert_array_equal(codes, built.table.lookup(items[-settings.long_len :]))
+            np.testing.assert_array_equal(
+                codes, built.table.lookup(items[-settings.features.long_len :])
+            )
         # Samples are at-least-once across a crash: every event has one, repeats carry the
         # same event id and sequence number, so a consumer deduplicates them exactly.
-        samples = read_topic(settings, settings.training_topic, expected=EVENTS)
+        samples = read_topic(settings, settings.kafka.training_topic, expected=EVENTS)
         keys = {
             (s["user_id"], s["seq"], s["event_id"])
             for s in map(json.loads, (r.value for r in samples))
@@ -113,7 +115,7 @@ def test_a_batch_that_cannot_be_pushed_ends_the_worker_before_its_offsets_are_co
 ) -> None:
     """Feast locked (an exclusive SQLite lock held here): the push fails, is retried, and the
     worker exits with code 70 without acknowledging the batch; a restart re-reads it exactly."""
-    settings = make_settings(recent_len=20, long_len=300, worker_push_attempts=2)
+    settings = make_settings(features_recent_len=20, features_long_len=300, worker_push_attempts=2)
     ratings, store, worker = worker_on_first_half(settings, 4_000, "worker-locked")
     second, histories = ratings.tail(2_000), replay_histories(ratings)
     try:
@@ -134,7 +136,7 @@ def test_a_batch_that_cannot_be_pushed_ends_the_worker_before_its_offsets_are_co
     assert "before its offsets can be committed" in log
     restarted = ServiceProcess("worker-unlocked", ["worker"], settings).start()
     try:
-        assert_exact_histories(store, histories, settings.recent_len)
+        assert_exact_histories(store, histories, settings.features.recent_len)
     finally:
         assert restarted.stop() == 0, restarted.tail()
 
@@ -146,7 +148,7 @@ def test_a_worker_resumes_from_its_table_not_from_committed_offsets(
     offsets: offsets committed past records it never applied (what faust-streaming's own offset
     tracking was seen to leave behind) are replaced by the table's at assignment, and the
     offsets it commits afterwards never run past what it applied."""
-    settings = make_settings(recent_len=20, long_len=300)
+    settings = make_settings(features_recent_len=20, features_long_len=300)
     ratings, store, worker = worker_on_first_half(settings, 3_000, "worker-first")
     second, histories = ratings.tail(1_500), replay_histories(ratings)
     assert worker.stop() == 0, worker.tail()
@@ -157,28 +159,28 @@ def test_a_worker_resumes_from_its_table_not_from_committed_offsets(
     # (Faust had committed up to the end). Nothing is delivered from there, so only a worker that
     # resumes from its table's positions finds those records. The stopped worker left its group
     # (streaming/membership.py), so no member holds the partitions meanwhile.
-    assert f"{settings.worker_instance_id} left group" in worker.tail(400), worker.tail()
+    assert f"{settings.worker.instance_id} left group" in worker.tail(400), worker.tail()
     group = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=settings.faust_app_id,
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=settings.worker.app_id,
         enable_auto_commit=False,
     )
     try:
-        ends = group.end_offsets(list(committed_offsets(settings, settings.faust_app_id)))
-        before = committed_offsets(settings, settings.faust_app_id)
+        ends = group.end_offsets(list(committed_offsets(settings, settings.worker.app_id)))
+        before = committed_offsets(settings, settings.worker.app_id)
         assert all((before[tp] or 0) < end for tp, end in ends.items())
         group.commit({tp: OffsetAndMetadata(end, "", -1) for tp, end in ends.items()})
     finally:
         group.close()
-    assert committed_offsets(settings, settings.faust_app_id) == ends
+    assert committed_offsets(settings, settings.worker.app_id) == ends
     restarted = ServiceProcess("worker-second", ["worker"], settings).start()
     try:
-        assert_exact_histories(store, histories, settings.recent_len)
+        assert_exact_histories(store, histories, settings.features.recent_len)
     finally:
         assert restarted.stop() == 0, restarted.tail()
     log = restarted.tail(2_000)
-    assert f"resuming {settings.events_topic} at the table's positions" in log, log
-    assert committed_offsets(settings, settings.faust_app_id) == ends  # the worker's commits
+    assert f"resuming {settings.kafka.events_topic} at the table's positions" in log, log
+    assert committed_offsets(settings, settings.worker.app_id) == ends  # the worker's commits
     assert sum(ends.values()) == len(ratings)
 
 
@@ -189,13 +191,13 @@ def test_records_the_consumer_skips_are_sought_back_and_applied_once(
     worker must seek back and apply the skipped records once; its first seek, made from the
     wrong thread, crashed aiokafka. The skip is injected (``worker_fault_drop``): the worker
     ignores the first delivery of those offsets, as if the consumer had never delivered them."""
-    settings = make_settings(recent_len=20, long_len=300)
+    settings = make_settings(features_recent_len=20, features_long_len=300)
     ensure_topics(settings)
     build_item_features(settings)
     ratings = load_ratings().head(3_000)
     with EventProducer(settings) as producer:
         replay_events(producer, movielens_events(ratings))
-    ends = sorted((end, p) for p, end in end_offsets(settings, settings.events_topic).items())
+    ends = sorted((end, p) for p, end in end_offsets(settings, settings.kafka.events_topic).items())
     # A run of 50 records in the middle of the fullest partition, one record in the next, and
     # the very first record of the third (which a new worker knows only from the broker).
     dropped = {ends[-1][1]: (ends[-1][0] // 2, ends[-1][0] // 2 + 49)}
@@ -203,12 +205,12 @@ def test_records_the_consumer_skips_are_sought_back_and_applied_once(
     dropped[ends[-3][1]] = (0, 0)
     assert ends[-3][0] > 1
     spec = ",".join(f"{p}:{a}-{b}" for p, (a, b) in dropped.items())
-    settings = settings.model_copy(update={"worker_fault_drop": spec})
+    settings = settings.updated(worker_fault_drop=spec)
     store = FeatureStoreClient(settings)
     worker = ServiceProcess("worker-skips", ["worker"], settings).start()
     try:
-        assert_exact_histories(store, replay_histories(ratings), settings.recent_len)
-        samples = read_topic(settings, settings.training_topic, expected=len(ratings))
+        assert_exact_histories(store, replay_histories(ratings), settings.features.recent_len)
+        samples = read_topic(settings, settings.kafka.training_topic, expected=len(ratings))
     finally:
         assert worker.stop() == 0, worker.tail()
     event_ids = [json.loads(record.value)["event_id"] for record in samples]
@@ -217,7 +219,7 @@ def test_records_the_consumer_skips_are_sought_back_and_applied_once(
     for partition, (first, last) in dropped.items():
         # The first record after the dropped run is what reveals the gap.
         line = (
-            f"{settings.events_topic}[{partition}]: offset {last + 1} delivered where {first} "
-            f"was next; seeking back to {first}"
+            f"{settings.kafka.events_topic}[{partition}]: offset {last + 1} delivered where "
+            f"{first} was next; seeking back to {first}"
         )
         assert line in log, log

@@ -52,15 +52,15 @@ def _produce(
     settings: Settings, samples: list[TrainingSample], bad: tuple[bytes, ...] = ()
 ) -> None:
     """Keyed by user, as the stream worker sends them (one user's samples stay in order)."""
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=5)
     for sample in samples:
         producer.send(
-            settings.training_topic,
+            settings.kafka.training_topic,
             key=str(sample.user_id).encode(),
             value=sample.model_dump_json().encode(),
         )
     for value in bad:
-        producer.send(settings.training_topic, key=b"bad", value=value)
+        producer.send(settings.kafka.training_topic, key=b"bad", value=value)
     producer.flush()
     producer.close()
 
@@ -117,7 +117,7 @@ def test_killed_trainer_learns_every_sample_exactly_once(
             trainer.stop()
     assert kills == 3
     expected_digest = sum(s.event_id.int for s in samples) % 2**64
-    ends = end_offsets(settings, settings.training_topic)
+    ends = end_offsets(settings, settings.kafka.training_topic)
     for name in MODELS:
         latest = store.latest(name)
         assert latest is not None
@@ -133,8 +133,8 @@ def test_killed_trainer_learns_every_sample_exactly_once(
         assert ranked["samples_learned"] == meta["samples_in_version"], name
     # The bad records were dead-lettered, with their reason.
     consumer = KafkaConsumer(
-        settings.dead_letter_topic,
-        bootstrap_servers=settings.kafka_bootstrap,
+        settings.kafka.dead_letter_topic,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         consumer_timeout_ms=3000,
     )
@@ -231,5 +231,5 @@ def test_trainer_starts_from_offline_checkpoints(
     assert meta["origin"]["absorbed_samples"] == 1200  # the online 300 were learned, not absorbed
     assert meta["sample_digest"] == f"{sum(s.event_id.int for s in samples) % 2**64:016x}"
     assert meta["offsets"] == {
-        str(p): o for p, o in end_offsets(settings, settings.training_topic).items()
+        str(p): o for p, o in end_offsets(settings, settings.kafka.training_topic).items()
     }

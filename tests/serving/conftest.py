@@ -65,10 +65,10 @@ def history_row(
     table: ItemCodeTable,
 ) -> UserHistoryFeatures:  # fmt: skip
     """The row ``streaming.app`` pushes for a user whose history is ``items`` (oldest first)."""
-    kept = items[-settings.long_len :]
+    kept = items[-settings.features.long_len :]
     return UserHistoryFeatures(
         user_id=user,
-        recent_item_ids=[int(i) for i in kept[-settings.recent_len :]],
+        recent_item_ids=[int(i) for i in kept[-settings.features.recent_len :]],
         long_codes=codebook.pack(table.lookup(kept)),
         history_len=len(items),
         last_ts_ms=1_000 * len(items),
@@ -106,9 +106,9 @@ def reference_seen(settings: Settings, catalog: CatalogInfo, items: np.ndarray) 
     codes = [tuple(row) for row in catalog.codes[1:].tolist()]
     unknown = catalog.codebook_scales.shape[1]
     counts = Counter(c for c in codes if any(x != unknown for x in c))
-    kept = items[-settings.long_len :]
+    kept = items[-settings.features.long_len :]
     unique = {int(i) for i in kept if counts.get(codes[int(i) - 1], 0) == 1}
-    return {int(i) for i in kept[-settings.recent_len :]} | unique
+    return {int(i) for i in kept[-settings.features.recent_len :]} | unique
 
 
 @dataclass
@@ -205,18 +205,18 @@ def read_impressions(
     the deadline: what arrived, for the assertion to show). The service sends one ``exposure``
     record per request and layer; it is read as the impressions the ClickHouse sink stores."""
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         consumer_timeout_ms=500,
     )
-    partitions = range(settings.events_topic_partitions)
-    consumer.assign([TopicPartition(settings.events_topic, p) for p in partitions])
+    partitions = range(settings.kafka.events_topic_partitions)
+    consumer.assign([TopicPartition(settings.kafka.events_topic, p) for p in partitions])
     found: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
     try:
         while len(found) < expected and time.monotonic() < deadline:
             for record in consumer:
-                event = parse_event(record.value, settings.max_event_bytes)
+                event = parse_event(record.value, settings.kafka.max_event_bytes)
                 if event.request_id not in request_ids:
                     continue
                 assert event.event_type == "exposure", event

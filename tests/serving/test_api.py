@@ -72,9 +72,9 @@ def reference_scores(api: Api, model: str, items: np.ndarray) -> torch.Tensor:
     published = api.world.registry.latest(model)
     assert published is not None
     reference = load_version_model(published, api.catalog)
-    kept = items[-api.world.settings.long_len :]
+    kept = items[-api.world.settings.features.long_len :]
     if model == "sasrec":
-        kept = kept[-api.world.settings.recent_len :]
+        kept = kept[-api.world.settings.features.recent_len :]
     history = torch.as_tensor(kept, dtype=torch.long)[None]
     batch = Batch(
         torch.zeros(1, dtype=torch.long),

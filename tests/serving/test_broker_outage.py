@@ -54,7 +54,7 @@ def test_requests_are_answered_while_kafka_is_down_and_their_impressions_arrive_
             assert ready.status_code == 503
             assert checks["feature_store"] == "ok"
             assert checks["exposures"].startswith("error: flush to"), checks
-            assert broker.port == world.settings.broker_port
+            assert broker.port == world.settings.broker.port
             broker.start()
             wait_until(lambda: client.get("/health/ready").status_code == 200, 25, "ready again")
             requests = {r.json()["request_id"] for r in before + during}

@@ -47,7 +47,7 @@ def test_served_lists_come_from_the_routed_variant_and_their_exposures_reach_the
             "the readiness line",
         )
         assert service.alive(), service.tail()
-        client = httpx.Client(base_url=f"http://127.0.0.1:{settings.serve_port}", timeout=30)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{settings.serve.port}", timeout=30)
         assert client.get("/health/ready").status_code == 200
         catalog = world.catalog()
         responses: dict[str, dict[str, Any]] = {}

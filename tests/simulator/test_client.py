@@ -116,12 +116,13 @@ def settings(make_settings: Callable[..., Settings], fake_server) -> Settings:
 def read_events(settings: Settings, timeout_s: float = 30) -> list[Event]:
     """Every record of the events topic (all acknowledged before this is called)."""
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
     partitions = [
-        TopicPartition(settings.events_topic, p) for p in range(settings.events_topic_partitions)
+        TopicPartition(settings.kafka.events_topic, p)
+        for p in range(settings.kafka.events_topic_partitions)
     ]
     consumer.assign(partitions)
     total = sum(consumer.end_offsets(partitions).values())
@@ -132,7 +133,7 @@ def read_events(settings: Settings, timeout_s: float = 30) -> list[Event]:
             records.extend(batch)
     consumer.close()
     assert len(records) == total
-    return [parse_event(r.value, settings.max_event_bytes) for r in records]
+    return [parse_event(r.value, settings.kafka.max_event_bytes) for r in records]
 
 
 def check_events_match(events: list[Event], service: FakeService, stats) -> None:
@@ -323,9 +324,9 @@ def test_cli_simulate(settings, service, monkeypatch, capsys):
     for name, value in {
         "DATA_DIR": settings.data_dir,
         "CACHE_DIR": EMBEDDING_CACHE,
-        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "EVENTS_TOPIC": settings.events_topic,
-        "SERVE_PORT": settings.serve_port,
+        "KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+        "KAFKA_EVENTS_TOPIC": settings.kafka.events_topic,
+        "SERVE_PORT": settings.serve.port,
         "SIM_DRIFT": 0.0,
     }.items():
         monkeypatch.setenv(f"HYMIREC_{name}", str(value))

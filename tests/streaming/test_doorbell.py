@@ -135,11 +135,11 @@ def _one_ring(consumer: KafkaConsumer, settings: Settings, value: bytes) -> floa
 def test_an_idle_kafka_python_consumer_wakes_on_the_producers_ring(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(events_topic_partitions=1, training_topic_partitions=1)
+    settings = make_settings(kafka_events_topic_partitions=1, kafka_training_topic_partitions=1)
     ensure_topics(settings)
     consumer = KafkaConsumer(
-        settings.events_topic,
-        bootstrap_servers=settings.kafka_bootstrap,
+        settings.kafka.events_topic,
+        bootstrap_servers=settings.kafka.bootstrap,
         group_id=f"doorbell-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
@@ -166,14 +166,14 @@ def test_an_idle_kafka_python_consumer_wakes_on_the_producers_ring(
 def test_an_idle_faust_style_aiokafka_consumer_wakes_on_the_producers_ring(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(events_topic_partitions=1, training_topic_partitions=1)
+    settings = make_settings(kafka_events_topic_partitions=1, kafka_training_topic_partitions=1)
     ensure_topics(settings)
     install_aiokafka_backoff(LONG_CAP_MS)
 
     async def idle_then_one() -> tuple[bytes | None, float]:
         consumer = aiokafka.AIOKafkaConsumer(
-            settings.events_topic,
-            bootstrap_servers=settings.kafka_bootstrap,
+            settings.kafka.events_topic,
+            bootstrap_servers=settings.kafka.bootstrap,
             group_id=f"doorbell-{uuid.uuid4().hex[:8]}",
             auto_offset_reset="earliest",
         )

@@ -23,6 +23,7 @@ from kafka.consumer.fetcher import Fetcher as KafkaFetcher
 import streaming.fetch_backoff as fetch_backoff
 from core.errors import ConfigError
 from core.settings import Settings
+from core.settings_groups import KafkaSettings
 from streaming.fetch_backoff import (
     EmptyFetchBackoff,
     install_aiokafka_backoff,
@@ -56,8 +57,8 @@ def test_a_negative_cap_is_refused() -> None:
 
 def test_the_production_stack_turns_the_pauses_off_and_the_embedded_default_has_them() -> None:
     for service in hymirec_services():
-        assert settings_of(service).kafka_empty_fetch_backoff_ms == 0, service
-    assert Settings.model_fields["kafka_empty_fetch_backoff_ms"].default > 0
+        assert settings_of(service).kafka.empty_fetch_backoff_ms == 0, service
+    assert KafkaSettings.model_fields["empty_fetch_backoff_ms"].default > 0
 
 
 # -- the kafka-python hook ----------------------------------------------------------------------
@@ -160,13 +161,13 @@ def counted_fetches(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], in
 def test_an_idle_consumer_fetches_at_most_once_per_cap_and_still_gets_the_next_record(
     make_settings: Callable[..., Settings], counted_fetches: Callable[[], int]
 ) -> None:
-    settings = make_settings(events_topic_partitions=1, training_topic_partitions=1)
+    settings = make_settings(kafka_events_topic_partitions=1, kafka_training_topic_partitions=1)
     ensure_topics(settings)
 
     async def idle_then_one_record() -> tuple[int, float, bytes | None]:
         consumer = aiokafka.AIOKafkaConsumer(
-            settings.events_topic,
-            bootstrap_servers=settings.kafka_bootstrap,
+            settings.kafka.events_topic,
+            bootstrap_servers=settings.kafka.bootstrap,
             group_id=f"idle-{uuid.uuid4().hex[:8]}",
             auto_offset_reset="earliest",
         )

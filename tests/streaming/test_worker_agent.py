@@ -80,9 +80,9 @@ def patch_io(worker: UserHistoryWorker, rec: Recorder, monkeypatch: pytest.Monke
     async def send_record(
         app: Any, topic: str, key: bytes | None, value: bytes, **kw: Any
     ) -> asyncio.Future[None]:
-        if topic == settings.training_topic:
+        if topic == settings.kafka.training_topic:
             return rec.ack("sample", json.loads(value))
-        if topic == settings.dead_letter_topic:
+        if topic == settings.kafka.dead_letter_topic:
             return rec.ack("dead_letter", value, kw["headers"])
         assert topic == changelog, topic
         return rec.ack("changelog", kw["partition"], json.loads(key or b""), json.loads(value))
@@ -110,7 +110,11 @@ def run_agent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: Scenario, **overrides: Any
 ) -> None:
     settings = Settings(
-        data_dir=tmp_path, events_topic=TOPIC, recent_len=2, long_len=3, **overrides
+        data_dir=tmp_path,
+        kafka_events_topic=TOPIC,
+        features_recent_len=2,
+        features_long_len=3,
+        **overrides,
     )
     rng = np.random.default_rng(0)
     codebook = ResidualCodebook.fit(rng.normal(size=(64, 8)), levels=2, size=4, iters=3)
