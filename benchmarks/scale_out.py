@@ -87,8 +87,8 @@ def start_workers(settings: Settings, count: int) -> list[ServiceProcess]:
     """``count`` workers in one group; returns once each was assigned partitions."""
     workers = []
     for index in range(count):
-        replica = settings.model_copy(
-            update={"worker_instance_id": f"worker-{index}", "worker_web_port": free_port()}
+        replica = settings.updated(
+            worker_instance_id=f"worker-{index}", worker_web_port=free_port()
         )
         workers.append(ServiceProcess(f"worker-{index}", ["worker"], replica).start())
     topic = re.escape(settings.kafka.events_topic)

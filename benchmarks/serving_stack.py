@@ -266,9 +266,7 @@ def serve(settings: Settings, model: str, folder: Path) -> tuple[ServiceProcess,
     """``hymirec serve`` as a child serving ``model`` to everyone, once it reports ready."""
     experiments = folder / f"experiments-{model}.yaml"
     experiments.write_text(f"default_model: {model}\n")
-    service_settings = settings.model_copy(
-        update={"experiments_file": experiments, "serve_port": free_port()}
-    )
+    service_settings = settings.updated(experiments_file=experiments, serve_port=free_port())
     process = ServiceProcess(f"serve-{model}", ["serve"], service_settings).start()
     deadline = time.monotonic() + 180
     url = f"http://127.0.0.1:{service_settings.serve.port}"

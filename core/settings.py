@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -194,6 +194,15 @@ class Settings(BaseSettings):
             else:
                 values[name] = value
         return values
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """Pydantic's unvalidated copy, refusing names that are not fields (a flat name such as
+        ``trainer_threads`` would be set as a stray attribute and change nothing): use
+        :meth:`updated`."""
+        stray = sorted(set(update or {}) - set(type(self).model_fields))
+        if stray:
+            raise ConfigError(f"not fields of Settings: {stray}; use Settings.updated(...)")
+        return super().model_copy(update=update, deep=deep)
 
     def updated(self, **changes: Any) -> Settings:
         """A copy with some settings changed, by flat name (``sink_instance_id="sink-1"``),

@@ -273,15 +273,13 @@ def _sink_lag(settings: Settings) -> int | None:
 
 
 def _demo_settings(settings: Settings, experiments: Path) -> Settings:
-    return settings.model_copy(
-        update={
-            "experiments_file": experiments,
-            "trainer_models": "",
-            "trainer_publish_every_s": min(settings.trainer.publish_every_s, 10.0),
-            # Six processes share the machine's cores: one torch thread each for the trainer
-            # unless set (two threads beside busy neighbours were slower than one).
-            "trainer_threads": settings.trainer.threads or 1,
-        }
+    return settings.updated(
+        experiments_file=experiments,
+        trainer_models="",
+        trainer_publish_every_s=min(settings.trainer.publish_every_s, 10.0),
+        # Six processes share the machine's cores: one torch thread each for the trainer
+        # unless set (two threads beside busy neighbours were slower than one).
+        trainer_threads=settings.trainer.threads or 1,
     )
 
 

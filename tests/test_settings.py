@@ -100,3 +100,5 @@ def test_groups_take_flat_names_and_a_copy_is_validated(tmp_path: Path) -> None:
         settings.updated(sink_instance="x")
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         settings.updated(sink_batch_size=0)
+    with pytest.raises(ConfigError, match=r"not fields of Settings: \['trainer_threads'\]"):
+        settings.model_copy(update={"trainer_threads": 1})
