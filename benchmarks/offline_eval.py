@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.report import append_section, machine
+from benchmarks.report import append_section, device, machine
 from core.errors import ConfigError, HymirecError
 from core.movielens import load_ratings
 from core.settings import Settings, load_settings
@@ -162,7 +162,7 @@ def variant_argument(spec: str) -> Variant:
 
 def machine_now() -> str:
     """The machine and the 1-minute load average now."""
-    return f"{machine()}, load {os.getloadavg()[0]:.2f}"
+    return f"{machine()}, device {device()}, load {os.getloadavg()[0]:.2f}"
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from kafka import KafkaProducer
 
-from benchmarks.report import append_section, machine
+from benchmarks.report import append_section, device, machine
 from core.movielens import load_ratings
 from core.settings import Settings
 from features.item_features import build_item_features
@@ -76,12 +76,12 @@ def _training_stream(
     ]
 
 
-def quality(settings: Settings, models: list[str]) -> list[str]:
+def quality(settings: Settings, models: list[str], max_samples: int | None = None) -> list[str]:
     data = load_movielens_sequences()
     catalog = build_catalog(settings)
     # item index == ML-100K item id (1..1682), so samples carry indices directly
     assert np.array_equal(data.item_ids, np.arange(1, data.num_items + 1))
-    samples = _training_stream(data.items, data.user_ids, data.timestamps_s)
+    samples = _training_stream(data.items, data.user_ids, data.timestamps_s)[:max_samples]
     ensure_topics(settings)
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=5)
     for sample in samples:
@@ -185,6 +185,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=120.0, help="s of events in part 2")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-freshness", action="store_true")
+    parser.add_argument(
+        "--max-samples", type=int, help="the first N samples of part 1 only (a smoke run)"
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     root = Path(tempfile.mkdtemp(prefix="hymirec-online-"))
@@ -202,9 +206,15 @@ def main() -> None:
                 trainer_publish_every_samples=10_000,
                 trainer_publish_every_s=600,
             )
-            rows = quality(settings, models)
+            rows = quality(settings, models, args.max_samples)
             sections.append(
-                "One pass over every user's training part (98,114 samples, timestamp order) "
+                "One pass over every user's training part ("
+                + (
+                    f"its first {args.max_samples:,} samples"
+                    if args.max_samples
+                    else "98,114 samples"
+                )
+                + ", timestamp order) "
                 "through the real broker, micro-batches of 256, replay ratio 1, AdamW 1e-3, "
                 "then the offline evaluator on the offline test targets.\n\n"
                 "| model | samples learned | samples/s (incl. test-then-train) | Recall@50 | "
@@ -239,13 +249,13 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     report = (
-        f"## Online trainer ({stamp})\n\nMachine: {machine()}; device cpu "
+        f"## Online trainer ({stamp})\n\nMachine: {machine()}; device {device()} "
         f"(torch {torch.__version__}); `python -m benchmarks.online_training`.\n\n"
         + "\n\n".join(sections)
         + "\n"
     )
     print(report)
-    append_section(RESULTS, report)
+    append_section(args.results, report)
 
 
 if __name__ == "__main__":

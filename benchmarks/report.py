@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["append_section", "machine"]
+__all__ = ["append_section", "device", "machine"]
 
 
 def machine() -> str:
@@ -19,6 +19,16 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {model}"
+
+
+def device() -> str:
+    """Where torch computes here: the CUDA device's name (training uses bf16 autocast there) or
+    the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)}, bf16 autocast)"
+    return "cpu"
 
 
 def append_section(path: Path, report: str) -> None:
