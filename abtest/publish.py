@@ -191,10 +191,6 @@ class ReadoutPublisher:
         )
         return report
 
-    def maybe_publish(self) -> PublishReport | None:
-        """``publish`` when due, else None."""
-        return self.publish() if self.due() else None
-
 
 def run_publish_loop(
     settings: Settings,
