@@ -326,6 +326,19 @@ def _install_stop_signals(stop: threading.Event) -> dict[int, Any]:
     return previous
 
 
+def _check_limits(
+    settings: Settings, duration_s: float | None, max_requests: int | None, k: int
+) -> None:
+    if duration_s is not None and not duration_s > 0:
+        raise SimulatorError(f"duration_s must be > 0 or None; got {duration_s}")
+    if max_requests is not None and max_requests < 1:
+        raise SimulatorError(f"max_requests must be >= 1 or None; got {max_requests}")
+    if not 1 <= k <= 10_000:
+        raise SimulatorError(f"k must be in 1..10000; got {k}")
+    if settings.sim.seed < 0:
+        raise SimulatorError(f"HYMIREC_SIM_SEED must be >= 0; got {settings.sim.seed}")
+
+
 def run_simulation(
     settings: Settings,
     duration_s: float | None,
@@ -345,14 +358,7 @@ def run_simulation(
     passed, ``max_requests`` requests were made, or ``stop`` is set (SIGINT/SIGTERM set it);
     ``None`` for both limits runs until stopped. ``paced=False`` sends the arrivals back to back
     (tests, load). ``http_client`` and ``producer`` are used as given and not closed."""
-    if duration_s is not None and not duration_s > 0:
-        raise SimulatorError(f"duration_s must be > 0 or None; got {duration_s}")
-    if max_requests is not None and max_requests < 1:
-        raise SimulatorError(f"max_requests must be >= 1 or None; got {max_requests}")
-    if not 1 <= k <= 10_000:
-        raise SimulatorError(f"k must be in 1..10000; got {k}")
-    if settings.sim.seed < 0:
-        raise SimulatorError(f"HYMIREC_SIM_SEED must be >= 0; got {settings.sim.seed}")
+    _check_limits(settings, duration_s, max_requests, k)
     population = population or load_population(settings)
     stop = stop or threading.Event()
     arrivals_rng, response_rng = (
