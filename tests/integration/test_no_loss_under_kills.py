@@ -37,7 +37,7 @@ from kafka import KafkaConsumer, TopicPartition
 from abtest.clickhouse import analytics_client, query_df
 from core.movielens import load_ratings, replay_histories
 from core.settings import Settings
-from features.item_features import build_item_features
+from features.item_features import ItemFeatures, build_item_features
 from features.store import FeatureStoreClient
 from hymirec.processes import ServiceProcess
 from model.checkpoint_registry import CheckpointRegistry
@@ -362,6 +362,23 @@ def run_chaos(
     return report
 
 
+def assert_exact_online_histories(settings: Settings, built: ItemFeatures, stream: Stream) -> None:
+    """Feast holds every user's history exactly as the ratings were produced, in order."""
+    online = FeatureStoreClient(settings).user_histories(sorted(stream.histories))
+    for user, items in stream.histories.items():
+        row = online[user]
+        assert row is not None, f"user {user}"
+        assert row.history_len == len(items), f"user {user}"
+        assert row.recent_item_ids == items[-settings.features.recent_len :].tolist(), (
+            f"user {user}"
+        )
+        assert row.last_ts_ms == stream.last_ts_ms[user], f"user {user}"
+        codes = built.codebook.unpack(row.long_codes)
+        np.testing.assert_array_equal(
+            codes, built.table.lookup(items[-settings.features.long_len :])
+        )
+
+
 def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -388,19 +405,7 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
     assert report.stop_codes["sink"] == 0
 
     # Feast: every user's history is exactly the ratings produced, in order.
-    online = FeatureStoreClient(settings).user_histories(sorted(stream.histories))
-    for user, items in stream.histories.items():
-        row = online[user]
-        assert row is not None, f"user {user}"
-        assert row.history_len == len(items), f"user {user}"
-        assert row.recent_item_ids == items[-settings.features.recent_len :].tolist(), (
-            f"user {user}"
-        )
-        assert row.last_ts_ms == stream.last_ts_ms[user], f"user {user}"
-        codes = built.codebook.unpack(row.long_codes)
-        np.testing.assert_array_equal(
-            codes, built.table.lookup(items[-settings.features.long_len :])
-        )
+    assert_exact_online_histories(settings, built, stream)
 
     # ClickHouse: each produced event once, per type, whatever was inserted twice after a kill.
     with analytics_client(settings) as client:

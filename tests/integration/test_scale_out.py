@@ -32,19 +32,23 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from abtest.clickhouse import analytics_client, query_df
 from core.settings import Settings
-from features.item_features import ItemFeatures, build_item_features
-from features.store import FeatureStoreClient
+from features.item_features import build_item_features
 from hymirec.processes import ServiceProcess
 from model.checkpoint_registry import CheckpointRegistry
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.worker import UserHistoryWorker
 from tests.conftest import free_port, wait_until
-from tests.integration.test_no_loss_under_kills import TRAINED_MODEL, Probes, Stream, build_stream
+from tests.integration.test_no_loss_under_kills import (
+    TRAINED_MODEL,
+    Probes,
+    Stream,
+    assert_exact_online_histories,
+    build_stream,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -171,22 +175,6 @@ def run_scale_out(settings: Settings, stack: Stack, stream: Stream) -> dict[str,
         return stack.stop_all()
     finally:
         probes.close()
-
-
-def assert_exact_online_histories(settings: Settings, built: ItemFeatures, stream: Stream) -> None:
-    online = FeatureStoreClient(settings).user_histories(sorted(stream.histories))
-    for user, items in stream.histories.items():
-        row = online[user]
-        assert row is not None, f"user {user}"
-        assert row.history_len == len(items), f"user {user}"
-        assert row.recent_item_ids == items[-settings.features.recent_len :].tolist(), (
-            f"user {user}"
-        )
-        assert row.last_ts_ms == stream.last_ts_ms[user], f"user {user}"
-        codes = built.codebook.unpack(row.long_codes)
-        np.testing.assert_array_equal(
-            codes, built.table.lookup(items[-settings.features.long_len :])
-        )
 
 
 def assert_exact_clickhouse(stack: Stack, stream: Stream) -> None:
