@@ -83,6 +83,13 @@ again (same seed and budget) on the rest, early-stopping on the item before the 
 Recall@50 = hits/|set|, NDCG@50 over the set, interest coverage@50 = share of the set's item \
 clusters ({clusters}) that the top 50 hit."""
 
+
+def multi_protocol(multi_target: int, clusters: str) -> str:
+    """The merge-rule notes, and the multi-target hold-out's unless it was skipped (0)."""
+    text = MULTI_PROTOCOL.format(n=multi_target, clusters=CLUSTERS[clusters])
+    return text if multi_target else text.split("\n- Multi-target", 1)[0]
+
+
 CLUSTERS = {
     "world": "the grounded world's 20 item clusters, simulator/grounded.py",
     "genres": "genre sets",
@@ -363,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         table(runs),
         "",
-        MULTI_PROTOCOL.format(n=args.multi_target, clusters=CLUSTERS[args.clusters]),
+        multi_protocol(args.multi_target, args.clusters),
         "",
         f"Leave-one-out by merge rule ({int(tie_free_users(data).sum())} of {data.num_users} "
         "users tie-free):",
