@@ -14,8 +14,9 @@ Run from the repository root: ``python -m benchmarks.controlled_interests [--int
 [--seeds 0 1 2] [--models sasrec hymirec hymirec:interests=8] [--epochs E] [--patience P]
 [--users U] [--stay S] [--spread X] [--results PATH]``; a model may be a variant with config
 overrides, as in ``benchmarks.offline_eval --variants``. Torch runs on one thread (the machine's
-cores are shared). Sized for 2 CPU cores: the defaults (SASRec and HyMiRec, 12 worlds) took
-23 min beside two other runs at a 1-minute load of 2.8-3.6 (2026-12-05); HSTU adds about a third.
+cores are shared). Sized for 2 CPU cores: SASRec and HyMiRec on the 12 worlds took 23 min
+(``--stay 0``), SASRec, HSTU and HyMiRec 26 min (the defaults), each beside two other runs at a
+1-minute load of 2.5-3.6 (2026-12-05).
 """
 
 from __future__ import annotations
