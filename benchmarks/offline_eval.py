@@ -301,7 +301,7 @@ def multi_target_extras(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", nargs="+", default=list(zoo.MODEL_NAMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -319,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="extra runs, MODEL:KEY=VALUE,... (e.g. hymirec:interests=1 hymirec:max_len=50)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = machine_now()
 
