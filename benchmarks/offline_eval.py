@@ -303,7 +303,7 @@ def multi_target_extras(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--models", nargs="+", default=list(zoo.MODEL_NAMES))
+    parser.add_argument("--models", nargs="*", default=list(zoo.MODEL_NAMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20, help="at most, per run")
     parser.add_argument("--patience", type=int, default=3)
