@@ -217,7 +217,13 @@ def assert_exact_trainer(settings: Settings, stream: Stream) -> None:
         ends = probes.end_offsets(settings.kafka.training_topic)
     finally:
         probes.close()
-    assert {int(p): o for p, o in meta["offsets"].items()} == ends
+    # The published positions never pass the topic's end; they may stop short of it where the
+    # last records of a partition are repeats (a SIGKILLed worker resends what it had not
+    # committed), since a version is published for new samples only (repeats are re-read, and
+    # skipped, after a restart).
+    offsets = {int(p): o for p, o in meta["offsets"].items()}
+    assert offsets.keys() == ends.keys()
+    assert all(offsets[p] <= ends[p] for p in ends), (offsets, ends)
 
 
 @pytest.mark.parametrize(
