@@ -362,6 +362,21 @@ def run_chaos(
     return report
 
 
+# The settings of the whole-stack runs (this one and the scale-out test): P = 300, so the
+# heaviest users' long histories are truncated; small sink and trainer batches, so there are
+# many inserts, commits and versions for a kill or a rebalance to fall between.
+STREAM_SETTINGS: dict[str, object] = {
+    "features_recent_len": 20,
+    "features_long_len": 300,
+    "sink_batch_size": 2000,
+    "sink_batch_window_s": 0.5,
+    "trainer_models": TRAINED_MODEL,
+    "trainer_batch_size": 1024,
+    "trainer_publish_every_samples": 2000,
+    "trainer_publish_every_s": 1.0,
+}
+
+
 def assert_exact_online_histories(settings: Settings, built: ItemFeatures, stream: Stream) -> None:
     """Feast holds every user's history exactly as the ratings were produced, in order."""
     online = FeatureStoreClient(settings).user_histories(sorted(stream.histories))
@@ -384,16 +399,9 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     settings = make_settings(
-        features_recent_len=20,
-        features_long_len=300,
+        **STREAM_SETTINGS,
         sink_group_id=f"sink-{tag}",  # a private group: kills leave none behind for other tests
         trainer_group_id=f"trainer-{tag}",
-        sink_batch_size=2000,
-        sink_batch_window_s=0.5,
-        trainer_models=TRAINED_MODEL,
-        trainer_batch_size=1024,
-        trainer_publish_every_samples=2000,
-        trainer_publish_every_s=1.0,
     )
     ensure_topics(settings)
     built = build_item_features(settings)

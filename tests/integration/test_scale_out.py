@@ -43,6 +43,7 @@ from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.worker import UserHistoryWorker
 from tests.conftest import free_port, wait_until
 from tests.integration.test_no_loss_under_kills import (
+    STREAM_SETTINGS,
     TRAINED_MODEL,
     Probes,
     Stream,
@@ -236,16 +237,7 @@ def assert_exact_trainer(settings: Settings, stream: Stream) -> None:
 def test_replicas_share_partitions_and_results_stay_exact(
     ratings: int, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(
-        features_recent_len=20,
-        features_long_len=300,
-        sink_batch_size=2000,
-        sink_batch_window_s=0.5,
-        trainer_models=TRAINED_MODEL,
-        trainer_batch_size=1024,
-        trainer_publish_every_samples=2000,
-        trainer_publish_every_s=1.0,
-    )
+    settings = make_settings(**STREAM_SETTINGS)
     ensure_topics(settings)
     built = build_item_features(settings)
     stream = build_stream(impressions=ratings // 200, seed=20, ratings=ratings)
