@@ -295,14 +295,18 @@ def guarded_app(
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """``feast serve``'s options, with its defaults (``feast serve --help``), and the guard's."""
+    """``feast serve``'s options, with its defaults (``feast serve --help``) but for worker
+    recycling, and the guard's."""
 
     host: str = "127.0.0.1"
     port: int = 6566
     workers: int = 1
     worker_connections: int = 1000
-    max_requests: int = 1000
-    max_requests_jitter: int = 50
+    # `feast serve` recycles a worker after 1,000 +- 50 requests; with one worker that drops
+    # every kept-alive connection at once (clients saw "connection reset by peer" mid-read).
+    # The app holds no per-request state to leak, so workers are not recycled (0: never).
+    max_requests: int = 0
+    max_requests_jitter: int = 0
     keep_alive_s: int = 30
     registry_ttl_s: int = 60
     access_log: bool = False

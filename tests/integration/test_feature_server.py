@@ -137,6 +137,18 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(
     assert ok.status_code == 200
 
 
+def test_a_long_kept_alive_client_is_never_reset(
+    served: tuple[Settings, ItemFeatures, str, ServiceProcess],
+) -> None:
+    """More reads on one connection than `feast serve` allows a worker before recycling it
+    (1,000 + up to 50), which reset every open connection: each is answered."""
+    _, _, url, _ = served
+    body = {"features": ONE, "entities": {"user_id": [1]}}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        statuses = [http.post("/get-online-features", json=body).status_code for _ in range(1_200)]
+    assert statuses == [200] * 1_200
+
+
 def test_the_server_survives_a_republish_and_old_rows_still_decode(
     served: tuple[Settings, ItemFeatures, str, ServiceProcess],
 ) -> None:
