@@ -61,7 +61,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from core.errors import AnalyticsError
-from core.settings import Settings
+from core.settings_groups import ClickHouseSettings
 from streaming.schema import Event
 
 __all__ = [
@@ -263,9 +263,9 @@ def chdb_owner_pid(dsn: str) -> int | None:
     return None
 
 
-def open_client(settings: Settings) -> Client:
-    """A clickhouse-connect client for ``settings.clickhouse.dsn`` (a server or chdb)."""
-    dsn = settings.clickhouse.dsn
+def open_client(clickhouse: ClickHouseSettings) -> Client:
+    """A clickhouse-connect client for ``clickhouse.dsn`` (a server or chdb)."""
+    dsn = clickhouse.dsn
     try:
         return clickhouse_connect.get_client(dsn=dsn)
     except (ClickHouseError, OSError) as exc:
@@ -281,9 +281,9 @@ def open_client(settings: Settings) -> Client:
 
 
 @contextlib.contextmanager
-def analytics_client(settings: Settings) -> Iterator[Client]:
+def analytics_client(clickhouse: ClickHouseSettings) -> Iterator[Client]:
     """``open_client`` with ``ensure_schema``, closed on exit (which frees a chdb directory)."""
-    client = open_client(settings)
+    client = open_client(clickhouse)
     try:
         ensure_schema(client)
         yield client

@@ -206,7 +206,7 @@ def run_publish_loop(
     """
     stop = stop or threading.Event()
     failures = 0
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         publisher = ReadoutPublisher(settings, client, plans=plans, every_s=every_s)
         while True:
             try:

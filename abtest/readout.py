@@ -343,7 +343,7 @@ def experiment_readout(
         days = pre_days if pre_days is not None else source.readout.cuped_pre_days
         if previous is None:
             previous = previous_sequential_states(source.readouts_dir, experiment)
-        with analytics_client(source) as client:
+        with analytics_client(source.clickhouse) as client:
             sums = variant_sums(client, experiment, pre_days=days)
             _check_known(client, experiment, sums, configured)
     else:

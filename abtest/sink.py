@@ -54,6 +54,7 @@ from kafka.structs import OffsetAndMetadata
 from abtest.clickhouse import analytics_client, insert_events, load_item_dimension
 from core.errors import AnalyticsError, BrokerError, InvalidEvent
 from core.settings import Settings
+from core.settings_groups import KafkaSettings, SinkSettings
 from streaming.fetch_backoff import install_kafka_python_backoff
 from streaming.kafka_group import fix_group_join
 from streaming.membership import leave_group
@@ -127,18 +128,18 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class EventSink:
-    """Consume ``settings.kafka.events_topic`` in group ``settings.sink.group_id`` into
-    ``client``."""
+    """Consume ``kafka.events_topic`` in group ``sink.group_id`` into ``client``."""
 
     def __init__(
         self,
-        settings: Settings,
+        kafka: KafkaSettings,
+        sink: SinkSettings,
         client: Client,
         *,
         insert_attempts: int = 3,
         publisher: ReadoutPublisher | None = None,
     ) -> None:
-        self.settings = settings
+        self.kafka, self.sink = kafka, sink
         self.client = client
         self.insert_attempts = max(1, insert_attempts)
         self.publisher = publisher  # readout snapshots, published from this loop (it owns chdb)
@@ -153,34 +154,32 @@ class EventSink:
         fix_group_join()  # a join that completes between two polls must not be thrown away
         try:
             self._consumer = KafkaConsumer(
-                bootstrap_servers=settings.kafka.bootstrap,
-                group_id=settings.sink.group_id,
-                group_instance_id=settings.sink.instance_id,
+                bootstrap_servers=kafka.bootstrap,
+                group_id=sink.group_id,
+                group_instance_id=sink.instance_id,
                 client_id="hymirec-clickhouse-sink",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
-                max_poll_records=settings.sink.batch_size,
-                max_partition_fetch_bytes=settings.kafka.max_message_bytes,
-                fetch_max_bytes=max(settings.kafka.max_message_bytes, 64 * 1024 * 1024),
+                max_poll_records=sink.batch_size,
+                max_partition_fetch_bytes=kafka.max_message_bytes,
+                fetch_max_bytes=max(kafka.max_message_bytes, 64 * 1024 * 1024),
             )
-            self._consumer.subscribe([settings.kafka.events_topic], listener=_FlushOnRevoke(self))
+            self._consumer.subscribe([kafka.events_topic], listener=_FlushOnRevoke(self))
             # The embedded broker answers an empty fetch at once: pause after empty ones.
-            install_kafka_python_backoff(self._consumer, settings.kafka.empty_fetch_backoff_ms)
+            install_kafka_python_backoff(self._consumer, kafka.empty_fetch_backoff_ms)
         except KafkaError as exc:
-            raise BrokerError(
-                f"sink cannot reach Kafka at {settings.kafka.bootstrap}: {exc}"
-            ) from exc
+            raise BrokerError(f"sink cannot reach Kafka at {kafka.bootstrap}: {exc}") from exc
 
     def run(
         self, stop: threading.Event | None = None, max_idle_s: float | None = None
     ) -> SinkStats:
         """Consume until ``stop`` is set or no record arrived for ``max_idle_s``; then flush."""
         stop = stop or threading.Event()
-        window_s = self.settings.sink.batch_window_s
+        window_s = self.sink.batch_window_s
         last_record = time.monotonic()
         try:
             while not stop.is_set():
-                room = self.settings.sink.batch_size - len(self._pending)
+                room = self.sink.batch_size - len(self._pending)
                 polled = self._poll(room)
                 if self.failure is not None:
                     raise self.failure
@@ -193,7 +192,7 @@ class EventSink:
                     self._pending.extend(polled)
                 started = self._batch_started
                 if self._pending and (
-                    len(self._pending) >= self.settings.sink.batch_size
+                    len(self._pending) >= self.sink.batch_size
                     or (started is not None and now - started >= window_s)
                 ):
                     self.flush()
@@ -224,9 +223,7 @@ class EventSink:
         try:
             batches = self._consumer.poll(timeout_ms=_POLL_MS, max_records=max_records)
         except KafkaError as exc:
-            raise BrokerError(
-                f"sink poll of {self.settings.kafka.events_topic} failed: {exc}"
-            ) from exc
+            raise BrokerError(f"sink poll of {self.kafka.events_topic} failed: {exc}") from exc
         records = [r for part in batches.values() for r in part]
         self.stats.records += len(records)
         return records
@@ -295,7 +292,7 @@ class EventSink:
         """Valid events; an ``exposure`` (one served list) as the impressions it stands for."""
         for r in records:
             try:
-                event = parse_event(r.value, self.settings.kafka.max_event_bytes)
+                event = parse_event(r.value, self.kafka.max_event_bytes)
                 is_exposure = event.event_type == "exposure"
                 yield from exposure_impressions(event) if is_exposure else [event]
             except InvalidEvent as exc:
@@ -328,8 +325,7 @@ class EventSink:
             self._consumer.close(autocommit=False)
         except KafkaError as exc:
             log.warning("sink consumer close failed: %s", exc)
-        settings = self.settings
-        leave_group(settings.kafka.bootstrap, settings.sink.group_id, settings.sink.instance_id)
+        leave_group(self.kafka.bootstrap, self.sink.group_id, self.sink.instance_id)
 
 
 @contextmanager
@@ -366,7 +362,7 @@ def run_sink(
     """
     own_stop = stop is None
     stop = stop or threading.Event()
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         if items is not None:
             load_item_dimension(client, items)
         publisher = None
@@ -374,7 +370,7 @@ def run_sink(
             from abtest.publish import ReadoutPublisher
 
             publisher = ReadoutPublisher(settings, client, plans=plans)
-        sink = EventSink(settings, client, publisher=publisher)
+        sink = EventSink(settings.kafka, settings.sink, client, publisher=publisher)
         if not own_stop:
             return sink.run(stop, max_idle_s)
         with _stop_on_signals(stop):

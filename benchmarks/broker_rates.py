@@ -23,7 +23,7 @@ Record = tuple[bytes, bytes]
 
 
 def raw_produce(settings: Settings, records: list[Record]) -> float:
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         start = time.perf_counter()
         for key, value in records:
             producer.send_raw(key, value)

@@ -252,7 +252,7 @@ def chaos_section(seed: int) -> str:
                 "trainer_publish_every_s": 1.0,
             }
             settings = Settings(**values)
-            ensure_topics(settings)
+            ensure_topics(settings.kafka)
             build_item_features(settings)
             stream = build_stream(impressions=500, seed=seed)
             started = time.monotonic()
@@ -286,7 +286,7 @@ def _chaos_checks(settings: Settings, stream: Stream) -> str:
     for user, items in stream.histories.items():
         row = online[user]
         exact += row is not None and row.history_len == len(items)
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         kinds = query_df(client, "SELECT event_type, count() AS n FROM events FINAL GROUP BY 1")
     stored = dict(zip(kinds["event_type"], kinds["n"].astype(int).tolist(), strict=True))
     produced = dict(Counter(e.event_type for e in stream.events))

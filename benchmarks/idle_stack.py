@@ -123,7 +123,7 @@ def running_stack(settings: Settings, base: Path) -> Iterator[Stack]:
     stack = Stack(settings, broker)
     stack.broker_pid = broker.start().pid
     try:
-        ensure_topics(settings)
+        ensure_topics(settings.kafka)
         for name, args in (
             ("worker", ["worker"]),
             ("sink", ["sink", "--publish-readouts"]),
@@ -186,7 +186,7 @@ class Probe:
             "trainer": lambda: self.committed("trainer", user) > before["trainer"],
         }
         event = Event(event_id=uuid.uuid4(), user_id=user, item_id=1, event_type="play", ts_ms=1)
-        with EventProducer(self.settings) as producer:
+        with EventProducer(self.settings.kafka) as producer:
             sent = time.perf_counter()
             producer.send(event)
             producer.flush()

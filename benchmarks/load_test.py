@@ -389,14 +389,14 @@ def main(argv: list[str] | None = None) -> None:
             broker_port=broker.port,
             kafka_events_topic=f"events-{uuid.uuid4().hex[:8]}",
         )
-        ensure_topics(settings)
+        ensure_topics(settings.kafka)
         start = time.perf_counter()
         users = prepare(settings, args.train_ratings)
         prepare_s = time.perf_counter() - start
         cpus = split_cpus(args.pin)
         if cpus is not None:  # the service inherits its CPUs (and sizes its threads by them)
             os.sched_setaffinity(0, cpus[0])
-        args.threads = ranking_threads(settings)  # what the service computes, on its CPUs
+        args.threads = ranking_threads(settings.serve)  # what the service computes, on its CPUs
         process, url = serve(settings, args.model, folder)
         assert process.pid is not None  # started
         if cpus is not None and broker_pid is not None:

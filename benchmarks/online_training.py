@@ -82,7 +82,7 @@ def quality(settings: Settings, models: list[str], max_samples: int | None = Non
     # item index == ML-100K item id (1..1682), so samples carry indices directly
     assert np.array_equal(data.item_ids, np.arange(1, data.num_items + 1))
     samples = _training_stream(data.items, data.user_ids, data.timestamps_s)[:max_samples]
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=5)
     for sample in samples:
         producer.send(
@@ -114,7 +114,7 @@ def quality(settings: Settings, models: list[str], max_samples: int | None = Non
 
 
 def freshness(settings: Settings, models: list[str], rate: float, duration_s: float) -> list[str]:
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     build_item_features(settings)
     store = CheckpointRegistry(settings.registry_dir)
     visible: dict[tuple[str, str], int] = {}
@@ -138,7 +138,7 @@ def freshness(settings: Settings, models: list[str], rate: float, duration_s: fl
         poller.start()
         events = movielens_events(load_ratings().head(int(rate * duration_s)))
         start = time.monotonic()
-        with EventProducer(settings) as producer:
+        with EventProducer(settings.kafka) as producer:
             for n, event in enumerate(events):
                 wait = start + n / rate - time.monotonic()
                 if wait > 0:

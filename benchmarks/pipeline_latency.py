@@ -43,7 +43,7 @@ def background_load(settings: Settings, rate: float, stop: Any, sent: Any) -> No
          e.model_copy(update={"user_id": LOAD_USER_BASE + e.user_id}).to_json_bytes())
         for e in movielens_events(load_ratings())
     ]  # fmt: skip
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         start, count = time.perf_counter(), 0
         while not stop.is_set():
             due = int((time.perf_counter() - start) * rate)
@@ -79,7 +79,7 @@ def probe_latency(
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
     gap_s = window_s / n
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         start = time.perf_counter()
         deadline = start + window_s + 30
         while (users or sent_at) and time.perf_counter() < deadline:

@@ -124,7 +124,7 @@ def end_to_end(
     produced_at: list[float] = []
 
     def produce() -> None:
-        with EventProducer(settings) as producer:
+        with EventProducer(settings.kafka) as producer:
             for key, value in records:
                 producer.send_raw(key, value)
         produced_at.append(time.perf_counter())
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         base = Settings(data_dir=root / "base", cache_dir=args.cache_dir.resolve(),
                         broker_port=broker.port, kafka_events_topic="raw-events")  # fmt: skip
         try:
-            ensure_topics(base)
+            ensure_topics(base.kafka)
             produce_rate = raw_produce(base, records)
             print(f"raw produce: {produce_rate:,.0f}/s", file=sys.stderr)
             consume_kp = raw_consume_kafka_python(base, base.events_topic, n)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 for folder in ("codebook", "feast"):
                     shutil.copytree(root / "base" / folder, data_dir / folder)
                 settings = pipeline_settings(base, data_dir, f"{index}", **overrides)
-                ensure_topics(settings)
+                ensure_topics(settings.kafka)
                 store = FeatureStoreClient(settings)
                 with running_worker(settings, env) as worker:
                     warm_up(settings, store, worker)

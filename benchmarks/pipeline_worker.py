@@ -112,7 +112,7 @@ def running_worker(settings: Settings, env: dict[str, str]) -> Iterator[ServiceP
 
 def warm_up(settings: Settings, store: FeatureStoreClient, worker: ServiceProcess) -> WorkerReport:
     """One event through the whole pipeline, then the worker's report of it (so it is idle)."""
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         producer.send(Event(event_id=uuid.uuid4(), user_id=WARMUP_USER, item_id=1,
                             event_type="play", ts_ms=1))  # fmt: skip
     deadline = time.monotonic() + 120

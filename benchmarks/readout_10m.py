@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="readout10m-") as tmp:
         settings = Settings(data_dir=Path(tmp), clickhouse_dsn="")
         days = settings.readout.cuped_pre_days
-        with analytics_client(settings) as client:
+        with analytics_client(settings.clickhouse) as client:
             loaded = load_events(client, args, timings)
             parts = scalar(
                 client, "SELECT count() FROM system.parts WHERE table = 'events' AND active"

@@ -103,7 +103,7 @@ def start_workers(settings: Settings, count: int) -> list[ServiceProcess]:
 
 def warm_up(settings: Settings, store: FeatureStoreClient, workers: list[ServiceProcess]) -> None:
     """One event through the whole pipeline (whichever worker owns its partition)."""
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         producer.send(Event(event_id=uuid.uuid4(), user_id=WARMUP_USER, item_id=1,
                             event_type="play", ts_ms=1))  # fmt: skip
     deadline = time.monotonic() + 120
@@ -127,7 +127,7 @@ def measure(
     expected = {int(u): int(n) for u, n in ratings.groupby("user_id").size().items()}
 
     def produce() -> None:
-        with EventProducer(settings) as producer:
+        with EventProducer(settings.kafka) as producer:
             producer.send_many(events)
             producer.flush()
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                 for folder in ("codebook", "feast"):
                     shutil.copytree(root / "base" / folder, data_dir / folder)
                 settings = pipeline_settings(base, data_dir, f"scale{count}")
-                ensure_topics(settings)
+                ensure_topics(settings.kafka)
                 workers = start_workers(settings, count)
                 try:
                     run = measure(settings, workers, broker_pid, ratings)

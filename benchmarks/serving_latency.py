@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             # Latency under queueing at concurrency 32 is the figure here, not shedding.
             serve_max_inflight=64,
         )
-        ensure_topics(settings)
+        ensure_topics(settings.kafka)
         start = time.perf_counter()
         users = prepare(settings, args.train_ratings)
         prepare_s = time.perf_counter() - start

@@ -40,7 +40,7 @@ def broker(settings: Settings, args: argparse.Namespace) -> int:
     broker = LocalBroker(settings.broker_dir, settings.broker.host, settings.broker.port)
     if args.action == "start":
         status = broker.start()
-        created = ensure_topics(settings)
+        created = ensure_topics(settings.kafka)
         print(f"broker ready at {status.address} (pid {status.pid}, data in {status.data_dir})")
         if created:
             print(f"created topics: {', '.join(created)}")
@@ -100,11 +100,11 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
     from streaming.kafka_io import EventProducer, ensure_topics
     from streaming.replay import movielens_events, replay_events
 
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     ratings = load_ratings()
     if args.limit:
         ratings = ratings.head(args.limit)
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         sent = replay_events(producer, movielens_events(ratings), rate_per_s=args.rate)
     print(f"sent {sent} events to {settings.kafka.events_topic}")
     return 0
@@ -147,7 +147,7 @@ def sink(settings: Settings, args: argparse.Namespace) -> int:
     from streaming.kafka_io import ensure_topics
 
     plans = _experiment_plans(settings) if args.publish_readouts else None
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     stats = run_sink(
         settings,
         max_idle_s=args.max_idle,

@@ -310,7 +310,7 @@ def _start_broker(settings: Settings) -> tuple[LocalBroker, bool]:
 def _warm_start(settings: Settings, warm_events: int, timeout_s: float) -> None:
     """Every rating of the warm start through the pipeline, until every history is online."""
     ratings = load_ratings().head(warm_events)
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         sent = replay_events(producer, movielens_events(ratings))
     print(f"[warm start] {sent:,} MovieLens-100K ratings sent through the pipeline")
     expected = {int(u): int(n) for u, n in ratings.groupby("user_id").size().items()}
@@ -400,7 +400,7 @@ def run_demo(
     children = _Children(settings)
     started = time.monotonic()
     try:
-        ensure_topics(settings)
+        ensure_topics(settings.kafka)
         built = build_item_features(settings)
         print(
             f"[features] {len(built.table.item_ids)} items, codebook {built.codebook.levels}x"

@@ -35,7 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from abtest.experiments import MAX_USER_ID
 from core.errors import FeatureStoreError
-from core.settings import Settings
+from core.settings_groups import ServeSettings
 from serving.metrics import CONTENT_TYPE_LATEST
 from serving.service import MAX_K, RecommendationService, UnknownExperiment
 
@@ -138,9 +138,9 @@ def _check_query(request: Request) -> None:
         raise HTTPException(422, f"{repeated[0]}: given more than once; pass it once")
 
 
-def ranking_threads(settings: Settings) -> int:
+def ranking_threads(serve: ServeSettings) -> int:
     """How many threads rank requests (``serve_threads``, or one per CPU this process may use)."""
-    return settings.serve.threads or min(settings.serve.max_inflight, len(os.sched_getaffinity(0)))
+    return serve.threads or min(serve.max_inflight, len(os.sched_getaffinity(0)))
 
 
 class _Serving:
@@ -292,7 +292,7 @@ class ShedEarly:
 def create_app(service: RecommendationService, workers: int | None = None) -> FastAPI:
     """The ASGI app over a built service; its lifespan starts registry polling and, at
     shutdown, stops it and flushes the exposure producer."""
-    serving = _Serving(service, workers or ranking_threads(service.settings))
+    serving = _Serving(service, workers or ranking_threads(service.settings.serve))
     app = FastAPI(
         title="hymirec recommendation service",
         version="1",

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.errors import BrokerError
-from core.settings import Settings
+from core.settings_groups import KafkaSettings
 from streaming.kafka_io import EventProducer
 from streaming.schema import Event
 
@@ -69,14 +69,14 @@ def exposure_events(exposure: Exposure) -> list[Event]:
 
 
 class ExposureLog:
-    """Exposures to ``settings.kafka.events_topic`` through the project's :class:`EventProducer`."""
+    """Exposures to ``kafka.events_topic`` through the project's :class:`EventProducer`."""
 
-    def __init__(self, settings: Settings, max_block_ms: int = 2000, linger_ms: int = 50) -> None:
+    def __init__(self, kafka: KafkaSettings, max_block_ms: int = 2000, linger_ms: int = 50) -> None:
         # max_block_ms bounds how long a send may block a request thread when the broker is
         # unreachable (kafka-python's default is 60 s). Records wait up to linger_ms to be sent
         # together: several requests' in one produce request.
-        self.producer = EventProducer(settings, max_block_ms=max_block_ms, linger_ms=linger_ms)
-        self.topic = settings.kafka.events_topic
+        self.producer = EventProducer(kafka, max_block_ms=max_block_ms, linger_ms=linger_ms)
+        self.topic = kafka.events_topic
         self._lock = threading.Lock()
         self.sent = 0
         self.failed = 0

@@ -43,7 +43,7 @@ def run_service(settings: Settings) -> int:
     from serving.service import RecommendationService
     from streaming.kafka_io import ensure_topics
 
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     service = RecommendationService.build(settings)
     # The ~0.5M objects of the libraries and models loaded so far live as long as the process:
     # out of the collector's reach, a full collection no longer scans them (a pause under load).

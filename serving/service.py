@@ -104,7 +104,7 @@ class RecommendationService:
         pool.refresh()
         features = UserFeatureReader(FeatureStoreClient(settings), catalog)
         features.rows.read([0])  # opens the online store now, not on a request
-        exposures = ExposureLog(settings)
+        exposures = ExposureLog(settings.kafka)
         return cls(settings, Splitter(config), pool, features, exposures, metrics, hold)
 
     def start(self) -> None:

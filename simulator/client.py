@@ -367,7 +367,7 @@ def run_simulation(
     own_http = http_client is None
     http = http_client or httpx.Client(timeout=httpx.Timeout(10.0, connect=2.0))
     own_producer = producer is None
-    sink = producer or EventProducer(settings)
+    sink = producer or EventProducer(settings.kafka)
     loop = _Loop(settings, population, http, sink, stop, k, connect_timeout_s, backoff_s)
     previous = _install_stop_signals(stop)
     started = time.monotonic()

@@ -97,7 +97,14 @@ def create_app(
         partitions=settings.kafka.events_topic_partitions,
     )
     worker = UserHistoryWorker(
-        app, settings, histories, store=store, codebook=codebook, item_codes=item_codes
+        app,
+        histories,
+        kafka=settings.kafka,
+        worker=settings.worker,
+        features=settings.features,
+        store=store,
+        codebook=codebook,
+        item_codes=item_codes,
     )
     app.agent(events, name=AGENT_NAME)(worker.consume)
     app.timer(interval=10.0)(worker.report)

@@ -19,7 +19,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from core.errors import BrokerError, ConfigError
-from core.settings import Settings
+from core.settings_groups import KafkaSettings
 from streaming.doorbell import doorbell_dir, register_ringer, ring
 from streaming.schema import Event
 
@@ -28,21 +28,19 @@ __all__ = ["EventProducer", "ensure_topics", "event_key"]
 log = logging.getLogger(__name__)
 
 
-def ensure_topics(settings: Settings) -> list[str]:
+def ensure_topics(kafka: KafkaSettings) -> list[str]:
     """Create the pipeline's topics if they are missing; return the names created."""
     # The dead-letter topic follows the events topic (its records keep their user keys).
     wanted = {
-        settings.kafka.events_topic: settings.kafka.events_topic_partitions,
-        settings.kafka.dead_letter_topic: settings.kafka.events_topic_partitions,
-        settings.kafka.training_topic: settings.kafka.training_topic_partitions,
+        kafka.events_topic: kafka.events_topic_partitions,
+        kafka.dead_letter_topic: kafka.events_topic_partitions,
+        kafka.training_topic: kafka.training_topic_partitions,
     }
-    config = {"max.message.bytes": str(settings.kafka.max_message_bytes)}
+    config = {"max.message.bytes": str(kafka.max_message_bytes)}
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=10_000
-        )
+        admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000)
     except KafkaError as exc:
-        raise BrokerError(f"cannot reach Kafka at {settings.kafka.bootstrap}: {exc}") from exc
+        raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
         missing = [t for t in wanted if t not in existing]
@@ -55,7 +53,7 @@ def ensure_topics(settings: Settings) -> list[str]:
                 pass
         return created
     except KafkaError as exc:
-        raise BrokerError(f"cannot create topics on {settings.kafka.bootstrap}: {exc}") from exc
+        raise BrokerError(f"cannot create topics on {kafka.bootstrap}: {exc}") from exc
     finally:
         admin.close()
 
@@ -83,21 +81,21 @@ class EventProducer:
 
     def __init__(
         self,
-        settings: Settings,
+        kafka: KafkaSettings,
         *,
         buffer_bytes: int = 32 * 1024 * 1024,
         stall_log_s: float = 2.0,
         on_delivery: Callable[[bytes, BaseException | None], None] | None = None,
         **overrides: Any,
     ) -> None:
-        self.topic = settings.kafka.events_topic
-        self.bootstrap = settings.kafka.bootstrap
+        self.topic = kafka.events_topic
+        self.bootstrap = kafka.bootstrap
         options: dict[str, Any] = {
-            "bootstrap_servers": settings.kafka.bootstrap,
+            "bootstrap_servers": kafka.bootstrap,
             "acks": "all",
             "linger_ms": 5,
             "batch_size": 256 * 1024,
-            "max_request_size": settings.kafka.max_message_bytes,
+            "max_request_size": kafka.max_message_bytes,
             # Retries are bounded by time, not count: every record either gets its acknowledgement
             # or fails within delivery_timeout_ms of its send.
             "retry_backoff_ms": 100,
@@ -131,9 +129,9 @@ class EventProducer:
         self._blocking = False  # sends are waiting for room (logged once per episode)
         # Idle consumers of this host wait on the broker's doorbell (streaming.doorbell): ring it
         # at each acknowledgement (rate-limited), where the consumers pause between fetches.
-        self._ring = settings.kafka.empty_fetch_backoff_ms > 0
+        self._ring = kafka.empty_fetch_backoff_ms > 0
         if self._ring:
-            register_ringer(doorbell_dir(settings.kafka.bootstrap))
+            register_ringer(doorbell_dir(kafka.bootstrap))
 
     def send(self, event: Event) -> None:
         self.send_raw(event_key(event.user_id), event.to_json_bytes())

@@ -67,7 +67,7 @@ import faust
 from faust.types import TP, EventT, StreamT, TableT
 
 from core.errors import FeatureStoreError, InvalidEvent
-from core.settings import Settings
+from core.settings_groups import FeatureSettings, KafkaSettings, WorkerSettings
 from features.codebook import ResidualCodebook
 from features.item_features import ItemCodeTable
 from features.store import FeatureStoreClient, UserHistoryFeatures
@@ -154,25 +154,28 @@ class UserHistoryWorker:
     def __init__(
         self,
         app: faust.App,
-        settings: Settings,
         table: TableT[int, Any],
         *,
+        kafka: KafkaSettings,
+        worker: WorkerSettings,
+        features: FeatureSettings,
         store: FeatureStoreClient,
         codebook: ResidualCodebook,
         item_codes: ItemCodeTable,
         on_failure: Callable[[str, BaseException | None], None] = exit_before_commit,
     ) -> None:
-        self.app, self.settings, self.table = app, settings, table
+        self.app, self.table = app, table
+        self.kafka, self.worker, self.features = kafka, worker, features
         self.store, self.codebook, self.item_codes = store, codebook, item_codes
         self.codebook_version = codebook.version  # a hash of the arrays: computed once
         self.on_failure = on_failure
         self.counters = PipelineCounters()
         self.ledger = OffsetLedger()
-        self.drops = fault_drops(settings.worker.fault_drop)
+        self.drops = fault_drops(worker.fault_drop)
         if self.drops:
             log.warning(
                 "fault injection (worker_fault_drop %s): the first delivery of those offsets is "
-                "ignored", settings.worker.fault_drop,
+                "ignored", worker.fault_drop,
             )  # fmt: skip
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
         self._in_flight: asyncio.Future[None] | None = None  # the batch being processed
@@ -183,7 +186,7 @@ class UserHistoryWorker:
     async def consume(self, stream: StreamT[bytes]) -> None:
         """The agent: every batch processed to its end before the next is taken."""
         await self.app.maybe_start_producer()  # send_record hands records to it directly
-        async for batch in waiting_batches(stream, self.settings.worker.batch_size):
+        async for batch in waiting_batches(stream, self.worker.batch_size):
             await self.complete(batch)
 
     async def complete(self, batch: list[EventT[bytes]]) -> None:
@@ -231,14 +234,14 @@ class UserHistoryWorker:
         for partition in {d.partition for d in deliveries}:
             if self.ledger.position(partition) is None:  # not seen at the last assignment
                 self.ledger.learn(partition, self._table_position(partition))
-        settings, counters = self.settings, self.counters
+        counters = self.counters
         outcome = apply_batch(
             deliveries,
             self.ledger.begin(),
             lambda user: UserHistory.from_record(self.table.get(user)),
-            recent_len=settings.features.recent_len,
-            long_len=settings.features.long_len,
-            max_event_bytes=settings.kafka.max_event_bytes,
+            recent_len=self.features.recent_len,
+            long_len=self.features.long_len,
+            max_event_bytes=self.kafka.max_event_bytes,
             drops=self.drops,
         )
         counters.batches += 1
@@ -253,7 +256,7 @@ class UserHistoryWorker:
         rows = [self._feature_row(user, state) for user, state in outcome.changed.items()]
         push = asyncio.ensure_future(self._push(rows))
         acks = [await self._dead_letter(d, error) for d, error in outcome.dead_letters]
-        app, topic = self.app, self.settings.kafka.training_topic
+        app, topic = self.app, self.kafka.training_topic
         for sample in outcome.samples:
             key, value = str(sample.user_id).encode(), sample.model_dump_json().encode()
             acks.append(await faust_compat.send_record(app, topic, key, value))
@@ -276,7 +279,7 @@ class UserHistoryWorker:
             )
         for ack in acks:
             await ack
-        topic = self.settings.kafka.events_topic
+        topic = self.kafka.events_topic
         offsets = {TP(topic, p): offset + 1 for p, offset in outcome.positions.items()}
         await faust_compat.commit_offsets(self.app, offsets)
         self.ledger.settle(outcome.ledger)
@@ -285,7 +288,7 @@ class UserHistoryWorker:
         counters = self.counters
         counters.dead_letters += 1
         counters.reasons[error.reason] = counters.reasons.get(error.reason, 0) + 1
-        source = f"{self.settings.kafka.events_topic}/{delivery.partition}/{delivery.offset}"
+        source = f"{self.kafka.events_topic}/{delivery.partition}/{delivery.offset}"
         log.warning("dead-lettered %s: %s", source, error)
         headers = {
             "reason": error.reason.encode(),
@@ -294,7 +297,7 @@ class UserHistoryWorker:
         }
         return await faust_compat.send_record(
             self.app,
-            self.settings.kafka.dead_letter_topic,
+            self.kafka.dead_letter_topic,
             delivery.key,
             delivery.value,
             headers=headers,
@@ -303,7 +306,7 @@ class UserHistoryWorker:
     async def _push(self, rows: list[UserHistoryFeatures]) -> None:
         if not rows:
             return
-        attempts = self.settings.worker.push_attempts
+        attempts = self.worker.push_attempts
         for attempt in range(attempts):
             try:
                 await self._push_once(rows)
@@ -326,7 +329,7 @@ class UserHistoryWorker:
 
     async def _rewind(self, rewind: Rewind) -> None:
         """Seek back to the first record not applied (see ``BatchLedger.rewinds``)."""
-        topic = self.settings.kafka.events_topic
+        topic = self.kafka.events_topic
         if rewind.first:
             self.counters.rewinds += 1
             log.warning(
@@ -340,7 +343,7 @@ class UserHistoryWorker:
         codes = self.item_codes.lookup(state.items)
         return UserHistoryFeatures(
             user_id=user,
-            recent_item_ids=state.items[-self.settings.features.recent_len :],
+            recent_item_ids=state.items[-self.features.recent_len :],
             long_codes=self.codebook.pack(codes),
             history_len=state.count,
             last_ts_ms=state.last_ts_ms,
@@ -358,7 +361,7 @@ class UserHistoryWorker:
         """Once the table is recovered, and before Faust seeks its partitions to the committed
         offsets: commit the table's positions, so that it seeks to the first unapplied record.
         A partition the table has no position for starts at its earliest offset."""
-        topic = self.settings.kafka.events_topic
+        topic = self.kafka.events_topic
         assigned = [tp for tp in sender.consumer.assignment() if tp.topic == topic]
         self._owned = {tp.partition for tp in assigned}
         positions = {tp.partition: self._table_position(tp.partition) for tp in assigned}

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from core.errors import BrokerError, ConfigError, TrainerError
 from core.settings import Settings
+from core.settings_groups import KafkaSettings, TrainerSettings
 from model.base import CatalogInfo
 from model.checkpoint_registry import CheckpointRegistry
 from model.training.online import ModelTrainer, StreamRecord, TrainerOptions
@@ -69,28 +70,28 @@ def check_models(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def _device(settings: Settings) -> str:
+def _device(trainer: TrainerSettings) -> str:
     import torch
 
-    if settings.trainer.device == "auto":
+    if trainer.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if settings.trainer.device.startswith("cuda") and not torch.cuda.is_available():
+    if trainer.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("HYMIREC_TRAINER_DEVICE asks for CUDA but no GPU is visible")
-    return settings.trainer.device
+    return trainer.device
 
 
 class _DeadLetters:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
         self._producer: KafkaProducer | None = None
         self.count = 0
 
     def send(self, record: ConsumerRecord, reason: str, detail: str) -> None:
         if self._producer is None:
             self._producer = KafkaProducer(
-                bootstrap_servers=self.settings.kafka.bootstrap,
+                bootstrap_servers=self.kafka.bootstrap,
                 acks="all",
-                max_request_size=self.settings.kafka.max_message_bytes,
+                max_request_size=self.kafka.max_message_bytes,
             )
         headers = [
             ("reason", reason.encode()),
@@ -98,7 +99,7 @@ class _DeadLetters:
             ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
         self._producer.send(
-            self.settings.kafka.dead_letter_topic,
+            self.kafka.dead_letter_topic,
             key=record.key,
             value=record.value,
             headers=headers,
@@ -118,7 +119,7 @@ class _DeadLetters:
 
 
 def _parse(
-    records: list[ConsumerRecord], settings: Settings, dead: _DeadLetters
+    records: list[ConsumerRecord], max_item_id: int, dead: _DeadLetters
 ) -> list[StreamRecord]:
     parsed = []
     for record in records:
@@ -128,14 +129,11 @@ def _parse(
             dead.send(record, "validation", str(exc).replace("\n", " "))
             continue
         largest = max(sample.item_id, *sample.recent_item_ids, 0)
-        if (
-            largest > settings.trainer.max_item_id
-            or min([sample.item_id, *sample.recent_item_ids]) < 1
-        ):
+        if largest > max_item_id or min([sample.item_id, *sample.recent_item_ids]) < 1:
             dead.send(
                 record,
                 "item_id_out_of_range",
-                f"item ids must be 1..{settings.trainer.max_item_id} (HYMIREC_TRAINER_MAX_ITEM_ID)",
+                f"item ids must be 1..{max_item_id} (HYMIREC_TRAINER_MAX_ITEM_ID)",
             )
             continue
         ingest = sample.ingest_ts_ms if sample.ingest_ts_ms is not None else record.timestamp
@@ -176,10 +174,10 @@ def _start_trainers(
     return trainers
 
 
-def torch_threads(settings: Settings) -> int:
+def torch_threads(trainer: TrainerSettings) -> int:
     """Torch's intra-op threads: ``trainer_threads``, else one per CPU this process may use."""
-    if settings.trainer.threads > 0:
-        return settings.trainer.threads
+    if trainer.threads > 0:
+        return trainer.threads
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -204,7 +202,7 @@ def run_trainer(
     """
     import torch
 
-    torch.set_num_threads(torch_threads(settings))
+    torch.set_num_threads(torch_threads(settings.trainer))
     names = check_models(models)
     stop = stop or threading.Event()
     store = CheckpointRegistry(settings.registry_dir)
@@ -212,12 +210,12 @@ def run_trainer(
         lr=settings.trainer.lr,
         replay_ratio=settings.trainer.replay_ratio,
         seed=settings.trainer.seed,
-        device=_device(settings),
+        device=_device(settings.trainer),
     )
     report = TrainerReport(versions={n: [] for n in names})
     with store.lock():
         trainers = _start_trainers(names, store, catalog, options, init_from)
-        ensure_topics(settings)
+        ensure_topics(settings.kafka)
         try:
             consumer = KafkaConsumer(
                 bootstrap_servers=settings.kafka.bootstrap,
@@ -229,7 +227,7 @@ def run_trainer(
             )
         except KafkaError as exc:
             raise BrokerError(f"cannot reach Kafka at {settings.kafka.bootstrap}: {exc}") from exc
-        dead = _DeadLetters(settings)
+        dead = _DeadLetters(settings.kafka)
         try:
             _consume(settings, consumer, trainers, store, dead, report, stop, max_idle_s)
         finally:
@@ -356,7 +354,7 @@ def _consume(
         if records:
             last_record = now
             report.records += len(records)
-            parsed = _parse(records, settings, dead)
+            parsed = _parse(records, settings.trainer.max_item_id, dead)
             new = [
                 _learn(trainer, parsed, absorb_until.get(name))
                 for name, trainer in trainers.items()

@@ -54,7 +54,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[Client]:
-    with analytics_client(settings) as opened:
+    with analytics_client(settings.clickhouse) as opened:
         yield opened
 
 
@@ -133,7 +133,7 @@ def test_clickhouse_errors_become_analytics_errors(client: Client, tmp_path: Pat
 def test_an_unreachable_server_is_an_analytics_error(tmp_path: Path) -> None:
     dsn = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(AnalyticsError, match=re.escape(f"cannot open ClickHouse at {dsn}")):
-        open_client(Settings(data_dir=tmp_path, clickhouse_dsn=dsn))
+        open_client(Settings(data_dir=tmp_path, clickhouse_dsn=dsn).clickhouse)
 
 
 HOLDER = """
@@ -148,7 +148,7 @@ client.close()
 def test_a_chdb_directory_held_by_another_process_gives_a_clear_error(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with analytics_client(settings):
+    with analytics_client(settings.clickhouse):
         pass  # create the directory and schema, then let go of it
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, settings.clickhouse.dsn],
@@ -161,7 +161,7 @@ def test_a_chdb_directory_held_by_another_process_gives_a_clear_error(
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         assert chdb_owner_pid(settings.clickhouse.dsn) == holder.pid
         with pytest.raises(AnalyticsError) as raised:
-            open_client(settings)
+            open_client(settings.clickhouse)
         message = str(raised.value)
         assert f"in use by process {holder.pid}" in message
         assert "HYMIREC_CLICKHOUSE_DSN=http://" in message
@@ -178,7 +178,7 @@ def test_a_chdb_directory_held_by_another_process_gives_a_clear_error(
 
     # Once the owner has closed its client, this process opens the directory normally.
     assert chdb_owner_pid(settings.clickhouse.dsn) is None
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         assert scalar(client, "SELECT count() FROM events") == 0
 
 
@@ -227,7 +227,9 @@ def assert_reads_out_as_version_1(client: Client) -> None:
 
 
 def test_a_version_1_directory_is_migrated_and_reads_out_the_same(settings: Settings) -> None:
-    client = open_client(settings)  # no ensure_schema: the directory as version 1 left it
+    client = open_client(
+        settings.clickhouse
+    )  # no ensure_schema: the directory as version 1 left it
     try:
         rng = version_1_directory(client, seed=3)
         before = stored(client)
@@ -258,7 +260,7 @@ def test_a_version_1_directory_is_migrated_and_reads_out_the_same(settings: Sett
 
 
 def test_a_migration_interrupted_after_the_rename_is_completed(settings: Settings) -> None:
-    client = open_client(settings)
+    client = open_client(settings.clickhouse)
     try:
         version_1_directory(client, seed=4)
         before = stored(client)

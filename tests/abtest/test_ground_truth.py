@@ -225,7 +225,7 @@ def test_publish_embeds_the_truth_and_survives_a_broken_file(
     broken = "broken-truth"
     (settings.ground_truth_dir / snapshot_filename(broken)).write_text('{"experiment": "bro')
     plans = {name: ExperimentPlan() for name in (EXPERIMENT, broken, "no-truth")}
-    with analytics_client(settings) as client, caplog.at_level(logging.WARNING):
+    with analytics_client(settings.clickhouse) as client, caplog.at_level(logging.WARNING):
         report = publish_readouts(client, settings, plans=plans, with_pipeline=False)
     assert report.failed == {}
     assert sorted(p.name for p in report.written) == sorted(snapshot_filename(n) for n in plans)

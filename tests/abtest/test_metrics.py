@@ -125,7 +125,7 @@ EXPECTED = pd.DataFrame(
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[Client]:
-    with analytics_client(Settings(data_dir=tmp_path / "data")) as opened:
+    with analytics_client(Settings(data_dir=tmp_path / "data").clickhouse) as opened:
         command(opened, "SYSTEM STOP MERGES events")  # every check below runs on unmerged parts
         load_item_dimension(opened, ITEMS)
         yield opened

@@ -158,7 +158,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Experiment]
         data_dir=tmp_path_factory.mktemp("readout"), readout_cuped_pre_days=PRE_DAYS
     )
     events, items = synthetic_events()
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         load_item_dimension(client, items)
         insert_events(client, events)
         insert_events(client, events[::10])  # redelivered copies

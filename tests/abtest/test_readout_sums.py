@@ -65,7 +65,7 @@ ORDER BY experiment
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[Client]:
-    with analytics_client(Settings(data_dir=tmp_path / "data")) as opened:
+    with analytics_client(Settings(data_dir=tmp_path / "data").clickhouse) as opened:
         command(opened, "SYSTEM STOP MERGES events")
         yield opened
 

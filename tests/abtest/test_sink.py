@@ -90,7 +90,7 @@ def produce(settings: Settings, events: list[Event]) -> tuple[int, int, Counter[
     """Send every event once, some 2-3 times, and invalid records; return the totals."""
     rng = np.random.default_rng(11)
     sent = 0
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         for i, event in enumerate(events):
             copies = 1 + (int(rng.integers(1, 3)) if i % 5 == 0 else 0)  # every 5th: 2-3 times
             for _ in range(copies):
@@ -154,7 +154,7 @@ def assert_exact_counts(client: Client, events: list[Event]) -> None:
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     made = make_settings(sink_batch_size=100, sink_batch_window_s=0.2)
-    ensure_topics(made)
+    ensure_topics(made.kafka)
     return made
 
 
@@ -162,8 +162,8 @@ def test_redeliveries_and_invalid_records_give_exact_counts(settings: Settings) 
     events = experiment_events()
     valid_sent, total, invalid = produce(settings, events)
     assert valid_sent > len(events)  # there are redeliveries
-    with analytics_client(settings) as client:
-        stats = drain(EventSink(settings, client), total)
+    with analytics_client(settings.clickhouse) as client:
+        stats = drain(EventSink(settings.kafka, settings.sink, client), total)
         assert stats.records == stats.committed == total
         assert stats.inserted == valid_sent  # copies go in; the table collapses them
         assert stats.invalid == invalid
@@ -193,16 +193,16 @@ def test_after_insert_and_commit_faults_a_restart_gives_exact_counts(
 ) -> None:
     events = experiment_events(users=24, seed=5)
     first, second = events[: len(events) // 2], events[len(events) // 2 :]
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         # 1. A transient insert failure is retried inside the sink; everything is committed.
         _, total_1, _ = produce(settings, first)
-        flaky = EventSink(settings, FailingInserts(client, failures=1))  # type: ignore[arg-type]
+        flaky = EventSink(settings.kafka, settings.sink, FailingInserts(client, failures=1))  # type: ignore[arg-type]
         assert drain(flaky, total_1).insert_retries == 1
         assert committed_offsets(settings) == total_1
 
         _, total_2, _ = produce(settings, second)
         # 2. A crash between the insert and the commit: rows are in, offsets are not.
-        crashing = EventSink(settings, client)
+        crashing = EventSink(settings.kafka, settings.sink, client)
 
         def lost_commit(*args: Any, **kwargs: Any) -> None:
             raise KafkaError("simulated crash before the commit")
@@ -213,14 +213,16 @@ def test_after_insert_and_commit_faults_a_restart_gives_exact_counts(
         assert crashing.stats.inserted > 0 and crashing.stats.committed == 0
 
         # 3. A lasting outage: the sink gives up after its attempts and commits nothing.
-        down = EventSink(settings, FailingInserts(client, 10**6), insert_attempts=2)  # type: ignore[arg-type]
+        down = EventSink(
+            settings.kafka, settings.sink, FailingInserts(client, 10**6), insert_attempts=2
+        )  # type: ignore[arg-type]
         with pytest.raises(AnalyticsError, match="gave up after 2 insert attempts"):
             down.run(max_idle_s=60)
         assert down.stats.committed == 0
         assert committed_offsets(settings) == total_1
 
         # 4. A restart re-reads everything after the last commit; the table absorbs the overlap.
-        restarted = drain(EventSink(settings, client), total_2)
+        restarted = drain(EventSink(settings.kafka, settings.sink, client), total_2)
         assert restarted.records == total_2
         assert_exact_counts(client, events)
     assert committed_offsets(settings) == total_1 + total_2
@@ -240,12 +242,12 @@ def test_the_sink_command_holds_the_chdb_directory_and_stops_cleanly(settings: S
         assert sink.alive(), sink.tail()
         # While it runs, no other process can open its chdb directory; the error says who has it.
         with pytest.raises(AnalyticsError, match=f"in use by process {sink.pid}"):
-            open_client(settings)
+            open_client(settings.clickhouse)
     finally:
         code = sink.stop()
     assert code == 0, sink.tail()  # SIGTERM: flush, commit, leave the group, free the directory
     assert "sink stopped:" in sink.tail()
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         assert_exact_counts(client, events)
 
 
@@ -281,7 +283,7 @@ def test_a_sigkilled_sink_takes_its_partitions_back_and_counts_stay_exact(
         assert sink.alive(), sink.tail()
     finally:
         assert sink.stop() == 0, sink.tail()
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         assert_exact_counts(client, events)
 
 
@@ -300,8 +302,8 @@ def test_a_rebalance_inserts_the_pending_batch_and_loses_nothing(
     _, total, _ = produce(settings, events)
     # The first member's batch stays pending (no size or time flush) until the rebalance.
     slow = settings.updated(sink_batch_size=100_000, sink_batch_window_s=8.0)
-    with analytics_client(settings) as client:
-        first = EventSink(slow, client)
+    with analytics_client(settings.clickhouse) as client:
+        first = EventSink(slow.kafka, slow.sink, client)
         insert_pending, commit_inserted = first.insert_pending, first._commit_inserted
         inserted_on_revoke = threading.Event()
 
@@ -318,7 +320,9 @@ def test_a_rebalance_inserts_the_pending_batch_and_loses_nothing(
 
         first.insert_pending = slow_insert  # type: ignore[method-assign]
         first._commit_inserted = slow_commit  # type: ignore[method-assign]
-        second = EventSink(settings.updated(sink_instance_id="sink-1"), client)
+        second = EventSink(
+            settings.kafka, settings.sink.model_copy(update={"instance_id": "sink-1"}), client
+        )
         thread_1, stop_1, errors_1 = run_in_thread(first)
         threads = [(thread_1, stop_1)]
         try:

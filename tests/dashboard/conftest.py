@@ -158,7 +158,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
             "genres": [list(rng.choice(GENRES, 2, replace=False)) for _ in range(ITEMS)],
         }
     )
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         load_item_dimension(client, items)
         for frame in frames.values():
             insert_event_frame(client, frame)

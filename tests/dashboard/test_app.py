@@ -207,8 +207,8 @@ def test_app_shows_models_and_pipeline(
     write_version(data_dir / "model_registry", "sasrec", "v000007")
     (data_dir / "model_registry" / "sasrec" / "LATEST").write_text("v000007")
     settings = make_settings(data_dir=data_dir)
-    ensure_topics(settings)
-    with EventProducer(settings) as producer:
+    ensure_topics(settings.kafka)
+    with EventProducer(settings.kafka) as producer:
         producer.send_raw(b"1", b"{}")
     pipeline = publish_pipeline_health(settings)
     [point] = pipeline.freshness

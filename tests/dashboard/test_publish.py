@@ -259,12 +259,12 @@ def test_snapshot_file_names_are_safe() -> None:
 @pytest.mark.integration
 def test_pipeline_health_on_the_broker(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings()
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     events = [
         Event(event_id=uuid.uuid4(), user_id=u, item_id=1, event_type="click", ts_ms=1_000 + u)
         for u in range(40)
     ]
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         producer.send_many(events[:30])
         for k in range(5):
             producer.send_raw(event_key(k), b"{bad")
@@ -301,7 +301,7 @@ def test_pipeline_health_on_the_broker(make_settings: Callable[..., Settings]) -
     assert lags["stream worker"].lag == 35 and lags["stream worker"].committed_partitions == 0
     assert lags["trainer"].lag == 0 and lags["trainer"].topic == settings.kafka.training_topic
 
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         producer.send_many(events[30:])
     second = pipeline_health(settings, first, now_ms=1_004_000)
     assert second.events_end_offset == 45
@@ -323,7 +323,7 @@ def test_sink_publishes_and_survives_a_failing_publisher(
     """The sink publishes snapshots from its loop; while writing them fails it counts the
     failures and still inserts and commits every event."""
     settings = make_settings()
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     events = [
         Event(
             event_id=uuid.uuid4(),
@@ -339,14 +339,14 @@ def test_sink_publishes_and_survives_a_failing_publisher(
         )
         for user in range(60)
     ]
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         producer.send_many(events)
     settings.readouts_dir.parent.mkdir(parents=True, exist_ok=True)
     settings.readouts_dir.write_text("a file where the folder should be")  # every write fails
     path = settings.readouts_dir / snapshot_filename("sink-pub")
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         publisher = ReadoutPublisher(settings, client, every_s=0.2)
-        sink = EventSink(settings, client, publisher=publisher)
+        sink = EventSink(settings.kafka, settings.sink, client, publisher=publisher)
         stop, errors = threading.Event(), []
 
         def target() -> None:
@@ -385,7 +385,7 @@ def _users(path: Path) -> dict[str, int] | None:
 def copied_data(published: Published, tmp_path: Path) -> Path:
     """A fresh data dir whose chdb holds the same events (no readouts yet)."""
     data_dir = tmp_path / "data"
-    with analytics_client(Settings(data_dir=data_dir)) as client:
+    with analytics_client(Settings(data_dir=data_dir).clickhouse) as client:
         for frame in published.frames.values():
             insert_event_frame(client, frame)
     return data_dir
@@ -454,8 +454,8 @@ def test_publish_loop_repeats_until_stopped(copied_data: Path, broker: LocalBrok
 @pytest.mark.integration
 def test_run_sink_publishes_readouts(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(readout_publish_s=0.2)
-    ensure_topics(settings)
-    with EventProducer(settings) as producer:
+    ensure_topics(settings.kafka)
+    with EventProducer(settings.kafka) as producer:
         for user in range(10):
             producer.send(
                 Event(

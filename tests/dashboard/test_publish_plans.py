@@ -90,7 +90,7 @@ def configured(tmp_path_factory: pytest.TempPathFactory) -> Configured:
     for name, (_, users, share) in DESIGN.items():
         frames[name] = experiment_frame(rng, name, broken_split(rng, users, share), first_user, 1.0)
         first_user += users
-    with analytics_client(Settings(data_dir=folder / "data")) as client:
+    with analytics_client(Settings(data_dir=folder / "data").clickhouse) as client:
         for frame in frames.values():
             insert_event_frame(client, frame)
     return Configured(folder / "data", write_config(folder), frames)
@@ -211,7 +211,7 @@ def test_experiment_readout_with_weights_flags_only_the_broken_split(
     configured: Configured,
 ) -> None:
     plans = experiment_plans(load_experiments(configured.experiments_file))
-    with analytics_client(Settings(data_dir=configured.data_dir)) as client:
+    with analytics_client(Settings(data_dir=configured.data_dir).clickhouse) as client:
         readouts = {
             n: experiment_readout(client, n, plans[n].control, plans[n].weights)
             for n in (MATCHING, BROKEN)
@@ -252,7 +252,7 @@ def test_publish_on_an_empty_database_writes_the_pipeline_file_only(
     tmp_path: Path, broker: LocalBroker
 ) -> None:
     settings = Settings(data_dir=tmp_path, broker_port=broker.port)
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         report = publish_readouts(client, settings)
     assert report.written == [] and report.failed == {}
     assert [p.name for p in settings.readouts_dir.iterdir()] == [PIPELINE_FILE]

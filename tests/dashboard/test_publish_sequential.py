@@ -42,7 +42,7 @@ def p_of_one_look(effect: float, variance: float, tau: float) -> float:
 def publish(
     settings: Settings, plans: dict[str, ExperimentPlan] | None = None
 ) -> ExperimentSnapshot:
-    with analytics_client(settings) as client:  # a fresh client: a restarted publisher
+    with analytics_client(settings.clickhouse) as client:  # a fresh client: a restarted publisher
         report = publish_readouts(client, settings, plans=plans, with_pipeline=False)
     assert report.failed == {}, report.failed
     return read_experiment_snapshot(settings.readouts_dir / snapshot_filename(NAME))
@@ -56,7 +56,7 @@ def looks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, list[Expe
     batches = np.array_split(np.sort(frame["user_id"].unique()), 3)
     snaps = []
     for users in batches:
-        with analytics_client(settings) as client:
+        with analytics_client(settings.clickhouse) as client:
             insert_event_frame(client, frame[frame["user_id"].isin(users)])
         snaps.append(publish(settings))
     return settings, snaps
@@ -93,7 +93,7 @@ def test_a_changed_plan_fails_the_experiment_instead_of_changing_tau(
 ) -> None:
     settings, snaps = looks
     changed = {NAME: ExperimentPlan(sequential=SequentialPlan(horizon_users_per_arm=123))}
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         report = publish_readouts(client, settings, plans=changed, with_pipeline=False)
     assert "horizon_users_per_arm changed from 10000 to 123" in report.failed[NAME]
     path = settings.readouts_dir / snapshot_filename(NAME)

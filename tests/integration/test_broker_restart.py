@@ -80,7 +80,7 @@ def running_broker(folder: Path) -> Iterator[tuple[LocalBroker, Settings]]:
             "kafka_events_topic_partitions": 4,
         }
         settings = Settings(**values)
-        ensure_topics(settings)
+        ensure_topics(settings.kafka)
         yield broker, settings
     finally:
         broker.stop()
@@ -168,7 +168,7 @@ def test_after_sigterm_every_acknowledged_event_is_kept_and_buffered_ones_arrive
     caplog.set_level(logging.INFO, logger="streaming.kafka_io")
     delivered = Deliveries()
     with running_broker(tmp_path) as (broker, settings):
-        producer = EventProducer(settings, on_delivery=delivered, stall_log_s=0.5)
+        producer = EventProducer(settings.kafka, on_delivery=delivered, stall_log_s=0.5)
         try:
             before = make_events(0, 2000)
             producer.send_many(before)
@@ -205,7 +205,7 @@ def test_after_sigkill_the_broker_has_lost_what_it_acknowledged_since_its_last_s
         delivered = Deliveries()
         with running_broker(tmp_path / f"attempt-{attempt}") as (broker, settings):
             wait_for_save(broker, settings)  # the topics themselves must be in the saved state
-            producer = EventProducer(settings, on_delivery=delivered, stall_log_s=0.5)
+            producer = EventProducer(settings.kafka, on_delivery=delivered, stall_log_s=0.5)
             try:
                 saved = make_events(0, 2000)
                 producer.send_many(saved)
@@ -256,7 +256,7 @@ def test_while_the_broker_stays_away_sends_fail_within_the_delivery_timeout(
     delivered = Deliveries()
     with running_broker(tmp_path) as (broker, settings):
         producer = EventProducer(
-            settings,
+            settings.kafka,
             on_delivery=delivered,
             stall_log_s=0.5,
             delivery_timeout_ms=3000,
@@ -298,7 +298,7 @@ def test_a_full_buffer_blocks_for_max_block_ms_then_refuses_the_send(
     delivered = Deliveries()
     with running_broker(tmp_path) as (broker, settings):
         producer = EventProducer(
-            settings, buffer_bytes=buffer_bytes, max_block_ms=300, on_delivery=delivered
+            settings.kafka, buffer_bytes=buffer_bytes, max_block_ms=300, on_delivery=delivered
         )
         try:
             with pytest.raises(BrokerError, match="does not fit the producer buffer"):

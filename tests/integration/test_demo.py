@@ -37,7 +37,7 @@ def test_demo_runs_the_loop_and_reads_out_both_arms(
     # Both arms were served and both clicked on.
     stats = result.stats
     assert set(stats.variants) == {"control", "treatment"}  # type: ignore[attr-defined]
-    client = open_client(settings)
+    client = open_client(settings.clickhouse)
     try:
         rows = query_df(
             client,

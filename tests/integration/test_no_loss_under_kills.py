@@ -249,7 +249,7 @@ class StreamProducer(threading.Thread):
         store = FeatureStoreClient(self.settings)  # this thread's own (Feast, Kafka clients)
         users = sorted(self.stream.histories)
         try:
-            with EventProducer(self.settings) as producer:
+            with EventProducer(self.settings.kafka) as producer:
                 for index in range(self.chunks):
                     chunk = self.stream.events[index * self.size : (index + 1) * self.size]
                     due = sum(after <= index for after in self.kill_after)
@@ -403,7 +403,7 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
         sink_group_id=f"sink-{tag}",  # a private group: kills leave none behind for other tests
         trainer_group_id=f"trainer-{tag}",
     )
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     built = build_item_features(settings)
     seed = int(os.environ.get("CHAOS_SEED", "8"))  # another seed: other kill moments
     stream = build_stream(impressions=150, seed=seed, ratings=RATINGS)
@@ -416,7 +416,7 @@ def test_no_event_lost_none_counted_twice_under_repeated_sigkills(
     assert_exact_online_histories(settings, built, stream)
 
     # ClickHouse: each produced event once, per type, whatever was inserted twice after a kill.
-    with analytics_client(settings) as client:
+    with analytics_client(settings.clickhouse) as client:
         kinds = query_df(client, "SELECT event_type, count() AS n FROM events FINAL GROUP BY 1")
         stored = query_df(client, "SELECT event_id FROM events FINAL")["event_id"]
         rows = int(query_df(client, "SELECT count() FROM events").iloc[0, 0])

@@ -53,7 +53,7 @@ def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float =
 def pipeline(make_settings: Callable[..., Settings]) -> Iterator[tuple[Settings, ItemFeatures]]:
     # P=300 < the heaviest users' 737 ratings, so truncation of the long history is exercised.
     settings = make_settings(features_recent_len=20, features_long_len=300)
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     built = build_item_features(settings)
     worker = ServiceProcess("worker", ["worker"], settings).start()
     try:
@@ -78,7 +78,7 @@ def test_replaying_movielens_gives_exact_online_histories(
     settings, built = pipeline
     ratings = load_ratings().head(count)
     histories = replay_histories(ratings)
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         assert replay_events(producer, movielens_events(ratings)) == count
 
     store = FeatureStoreClient(settings)
@@ -143,7 +143,7 @@ def test_bad_records_go_to_the_dead_letter_topic_and_valid_ones_are_processed(
     }
     users = [501, 502, 503]
     sent_valid: dict[int, list[int]] = {u: [] for u in users}
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         for round_ in range(3):
             for payload in bad.values():
                 user = users[round_ % len(users)]

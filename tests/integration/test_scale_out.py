@@ -109,7 +109,7 @@ def scaled_stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
 
 
 def produce(settings: Settings, events: list) -> None:
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         producer.send_many(events)
         producer.flush()
 
@@ -196,7 +196,7 @@ def assert_exact_clickhouse(stack: Stack, stream: Stream) -> None:
     """Each event once, of its type, over both sinks' tables (each deduplicated by event_id)."""
     stored: dict[uuid.UUID, str] = {}
     for name in ("sink-0", "sink-1"):
-        with analytics_client(stack.sink_settings(name)) as client:
+        with analytics_client(stack.sink_settings(name).clickhouse) as client:
             rows = query_df(client, "SELECT event_id, event_type FROM events FINAL")
         assert rows["event_id"].is_unique, name
         assert len(rows) > 0, f"{name} stored nothing: it owned no partition"
@@ -238,7 +238,7 @@ def test_replicas_share_partitions_and_results_stay_exact(
     ratings: int, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     settings = make_settings(**STREAM_SETTINGS)
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     built = build_item_features(settings)
     stream = build_stream(impressions=ratings // 200, seed=20, ratings=ratings)
     with scaled_stack(settings, tmp_path) as stack:

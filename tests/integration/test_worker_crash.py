@@ -32,11 +32,11 @@ EVENTS = 30_000
 
 def test_killed_workers_resume_exactly(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(features_recent_len=20, features_long_len=300)
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     built = build_item_features(settings)
     ratings = load_ratings().head(EVENTS)
     histories = replay_histories(ratings)
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         replay_events(producer, movielens_events(ratings))
     store = FeatureStoreClient(settings)
 
@@ -82,12 +82,12 @@ def worker_on_first_half(
     settings: Settings, n: int, name: str
 ) -> tuple[pd.DataFrame, FeatureStoreClient, ServiceProcess]:
     """The first ``n`` ratings; the first half produced and applied by a worker left running."""
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     build_item_features(settings)
     ratings = load_ratings().head(n)
     first = ratings.head(n // 2)
     store = FeatureStoreClient(settings)
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         replay_events(producer, movielens_events(first))
     worker = ServiceProcess(name, ["worker"], settings).start()
     try:
@@ -122,7 +122,7 @@ def test_a_batch_that_cannot_be_pushed_ends_the_worker_before_its_offsets_are_co
         lock = sqlite3.connect(settings.feast_dir / "online_store.db", timeout=30)
         try:
             lock.execute("BEGIN EXCLUSIVE")
-            with EventProducer(settings) as producer:
+            with EventProducer(settings.kafka) as producer:
                 replay_events(producer, movielens_events(second))
             code = worker.process.wait(timeout=120)  # type: ignore[union-attr]
         finally:
@@ -152,7 +152,7 @@ def test_a_worker_resumes_from_its_table_not_from_committed_offsets(
     ratings, store, worker = worker_on_first_half(settings, 3_000, "worker-first")
     second, histories = ratings.tail(1_500), replay_histories(ratings)
     assert worker.stop() == 0, worker.tail()
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         replay_events(producer, movielens_events(second))
     # Move the group's committed offsets to the end of each partition, past every record of the
     # second half, which no worker has applied: what a CI run's second SIGKILLed worker left
@@ -192,10 +192,10 @@ def test_records_the_consumer_skips_are_sought_back_and_applied_once(
     wrong thread, crashed aiokafka. The skip is injected (``worker_fault_drop``): the worker
     ignores the first delivery of those offsets, as if the consumer had never delivered them."""
     settings = make_settings(features_recent_len=20, features_long_len=300)
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     build_item_features(settings)
     ratings = load_ratings().head(3_000)
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         replay_events(producer, movielens_events(ratings))
     ends = sorted((end, p) for p, end in end_offsets(settings, settings.kafka.events_topic).items())
     # A run of 50 records in the middle of the fullest partition, one record in the next, and

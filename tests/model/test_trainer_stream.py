@@ -74,7 +74,7 @@ def test_killed_trainer_learns_every_sample_exactly_once(
         trainer_publish_every_s=1.0,
         trainer_batch_size=128,
     )
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     samples = _samples(6000)
     # Repeats (as an at-least-once worker would send them) and records that are not samples.
     repeats = random.Random(0).sample(samples[:3000], 50)
@@ -182,7 +182,7 @@ def test_trainer_starts_from_offline_checkpoints(
         trainer_publish_every_samples=100,
         trainer_publish_every_s=1.0,
     )
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     catalog = build_catalog(settings)
     init = tmp_path / "init"
     init.mkdir()

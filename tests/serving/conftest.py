@@ -183,7 +183,7 @@ def make_world(
         experiments = tmp_path / "experiments.yaml"
         experiments.write_text(EXPERIMENTS_YAML.format(tag=tag, holdout=holdout))
         settings = make_settings(data_dir=data_dir, experiments_file=experiments, **overrides)
-        ensure_topics(settings)
+        ensure_topics(settings.kafka)
         registry = CheckpointRegistry(settings.registry_dir)
         return World(settings, serving_template.histories, registry)
 

@@ -108,7 +108,7 @@ def test_the_sink_stores_new_and_old_records_as_the_same_impression_rows(
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings(sink_batch_size=50, sink_batch_window_s=0.2)
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     served = [
         exposure([10 + i, 20 + i, 30 + i], [("exp", "a")] if i % 2 else [("exp", "b"), ("ui", "x")])
         for i in range(12)
@@ -117,7 +117,7 @@ def test_the_sink_stores_new_and_old_records_as_the_same_impression_rows(
     old = [  # the old format, as a service of the previous release sends it
         Event(event_id=uuid.uuid4(), **fields) for e in served[8:] for fields in old_impressions(e)
     ]
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         for i, record in enumerate([*new, *old]):
             for _ in range(2 if i % 3 == 0 else 1):  # every third delivered twice
                 producer.send(record)
@@ -127,8 +127,8 @@ def test_the_sink_stores_new_and_old_records_as_the_same_impression_rows(
         for row in old_impressions(e)
     )
     delivered = len(new) + len(old) + len(range(0, len(new) + len(old), 3))
-    with analytics_client(settings) as client:
-        sink = EventSink(settings, client)
+    with analytics_client(settings.clickhouse) as client:
+        sink = EventSink(settings.kafka, settings.sink, client)
         stop = threading.Event()
         thread = threading.Thread(target=sink.run, args=(stop,), daemon=True)
         thread.start()

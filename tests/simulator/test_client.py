@@ -109,7 +109,7 @@ def service(fake_server: tuple[FakeService, int]) -> FakeService:
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings], fake_server) -> Settings:
     built = make_settings(serve_port=fake_server[1], sim_rate_per_s=50.0, sim_seed=5, sim_drift=0.0)
-    ensure_topics(built)
+    ensure_topics(built.kafka)
     return built
 
 
@@ -247,7 +247,7 @@ def test_bad_answers_are_counted_with_a_clear_message(
 
 def test_unreachable_service_is_a_clear_error(make_settings, population):
     settings = make_settings(serve_port=free_port())  # nothing listens there
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     with pytest.raises(SimulatorError, match=r"did not answer for .* is it running on"):
         run_simulation(
             settings,

@@ -114,7 +114,7 @@ def test_files_of_dead_processes_are_removed_and_never_rung(
 
 
 def _send_one(settings: Settings, value: bytes) -> None:
-    with EventProducer(settings) as producer:
+    with EventProducer(settings.kafka) as producer:
         producer.send_raw(b"k", value)
 
 
@@ -136,7 +136,7 @@ def test_an_idle_kafka_python_consumer_wakes_on_the_producers_ring(
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings(kafka_events_topic_partitions=1, kafka_training_topic_partitions=1)
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     consumer = KafkaConsumer(
         settings.kafka.events_topic,
         bootstrap_servers=settings.kafka.bootstrap,
@@ -167,7 +167,7 @@ def test_an_idle_faust_style_aiokafka_consumer_wakes_on_the_producers_ring(
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings(kafka_events_topic_partitions=1, kafka_training_topic_partitions=1)
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
     install_aiokafka_backoff(LONG_CAP_MS)
 
     async def idle_then_one() -> tuple[bytes | None, float]:

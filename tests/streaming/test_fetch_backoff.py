@@ -162,7 +162,7 @@ def test_an_idle_consumer_fetches_at_most_once_per_cap_and_still_gets_the_next_r
     make_settings: Callable[..., Settings], counted_fetches: Callable[[], int]
 ) -> None:
     settings = make_settings(kafka_events_topic_partitions=1, kafka_training_topic_partitions=1)
-    ensure_topics(settings)
+    ensure_topics(settings.kafka)
 
     async def idle_then_one_record() -> tuple[int, float, bytes | None]:
         consumer = aiokafka.AIOKafkaConsumer(
@@ -181,7 +181,7 @@ def test_an_idle_consumer_fetches_at_most_once_per_cap_and_still_gets_the_next_r
             before, started = counted_fetches(), loop.time()
             await asyncio.sleep(2.0)  # idle: only the pauses pace the fetches
             fetched, elapsed = counted_fetches() - before, loop.time() - started
-            with EventProducer(settings) as producer:
+            with EventProducer(settings.kafka) as producer:
                 producer.send_raw(b"k", b"after the idle spell")
             record = await asyncio.wait_for(consumer.getone(), timeout=30)
             return fetched, elapsed, record.value
