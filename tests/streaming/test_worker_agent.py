@@ -74,15 +74,15 @@ class Recorder:
 
 
 def patch_io(worker: UserHistoryWorker, rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = worker.settings
+    kafka = worker.kafka
     changelog = worker.table.changelog_topic.get_topic_name()
 
     async def send_record(
         app: Any, topic: str, key: bytes | None, value: bytes, **kw: Any
     ) -> asyncio.Future[None]:
-        if topic == settings.kafka.training_topic:
+        if topic == kafka.training_topic:
             return rec.ack("sample", json.loads(value))
-        if topic == settings.kafka.dead_letter_topic:
+        if topic == kafka.dead_letter_topic:
             return rec.ack("dead_letter", value, kw["headers"])
         assert topic == changelog, topic
         return rec.ack("changelog", kw["partition"], json.loads(key or b""), json.loads(value))
