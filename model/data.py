@@ -25,10 +25,13 @@ from core.settings import Settings
 from features.codebook import ResidualCodebook
 from features.item_embeddings import embed_movielens_items
 from model.base import Batch, CatalogInfo
+from model.llm_item_embeddings import embed_movielens_items_llm
 
 __all__ = [
+    "ITEM_ENCODERS",
     "MIN_INTERACTIONS",
     "EvalBatch",
+    "ItemTextEncoder",
     "SequenceData",
     "build_catalog",
     "evaluation_batches",
@@ -40,6 +43,8 @@ MIN_INTERACTIONS = 3
 IntArray = npt.NDArray[np.int64]
 Split = Literal["valid", "test"]
 Cut = Literal["uniform", "last"]
+ItemTextEncoder = Literal["minilm", "smollm2"]
+ITEM_ENCODERS: tuple[ItemTextEncoder, ...] = ("minilm", "smollm2")
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,12 +148,23 @@ def _load_or_fit_codebook(
     return codebook
 
 
-def build_catalog(settings: Settings) -> CatalogInfo:
-    """Text embeddings, codebook codes and genres of every ML-100K item, rows by item index."""
+def build_catalog(settings: Settings, item_encoder: ItemTextEncoder = "minilm") -> CatalogInfo:
+    """Text embeddings, codebook codes and genres of every ML-100K item, rows by item index.
+
+    ``item_encoder`` picks the text encoder: all-MiniLM-L6-v2 (384-d, the default, what the
+    feature store publishes) or the LLM backbone SmolLM2-135M (576-d,
+    ``model.llm_item_embeddings``; its codebook is fitted here and not saved, as the codebook
+    folder holds MiniLM's).
+    """
     items = load_items()
-    item_ids, embeddings = embed_movielens_items(
-        settings.embedding_cache_dir, batch_size=settings.features.embedding_batch_size
-    )
+    if item_encoder == "minilm":
+        item_ids, embeddings = embed_movielens_items(
+            settings.embedding_cache_dir, batch_size=settings.features.embedding_batch_size
+        )
+    elif item_encoder == "smollm2":
+        item_ids, embeddings = embed_movielens_items_llm(settings.embedding_cache_dir)
+    else:
+        raise DataError(f"item_encoder must be one of {ITEM_ENCODERS}; got {item_encoder!r}")
     if not np.array_equal(item_ids, items["item_id"].to_numpy(dtype=np.int64)):
         raise DataError("item embeddings are not aligned with the item table")
     codebook = _load_or_fit_codebook(settings, embeddings)

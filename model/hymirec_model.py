@@ -19,10 +19,10 @@ available to us):
    decoded long history (one attention read, linear in its length) into ``Kc`` coarse interests.
 4. **LLM-based recommender → refined interests.** A small causal transformer reads
    [coarse interests ; recent items ; K interest queries]; the K query positions' outputs are the
-   user's K interests. We train this transformer from scratch rather than start from the shipped
-   SmolLM2-135M: 135M parameters over ~60 tokens per user would make one ML-100K epoch take
-   minutes on two CPU cores instead of seconds, and its text pre-training says nothing about
-   sequences of item vectors without a projection and fine-tuning we cannot afford here.
+   user's K interests. By default we train this transformer from scratch: the shipped
+   SmolLM2-135M over ~60 tokens per user makes one ML-100K epoch take ~25 minutes on two CPU
+   cores instead of seconds. ``Config(refiner="llm")`` is the paper's choice, the frozen
+   SmolLM2-135M with LoRA (``model/llm_refiner.py``), a GPU job (``benchmarks/gpu_check.sh``).
 5. **Disentangled multi-interest learning** (``model/matching.py``): each user's next ``W``
    items are grouped and the groups matched one-to-one to interests (Hungarian), or each target
    goes to its closest interest (ComiRec's argmax), then a full softmax over all items per target.
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -48,6 +49,7 @@ from core.errors import ConfigError
 from model.base import Batch, CatalogInfo, SequentialRecommender
 from model.interest_merge import MERGES, InterestGate, Merge, gate_loss, merge_interest_scores
 from model.layers import MLP, Block, causal_padding_mask, init_weights
+from model.llm_refiner import LLMRefiner, check_llm_options
 from model.matching import assign_targets, diversity_penalty, multi_interest_loss
 
 __all__ = ["Config", "HyMiRec", "build_model"]
@@ -118,6 +120,10 @@ class Config:
     dense_weight: float = 1.0  # weight of the auxiliary next-item loss on the recent positions
     merge: Merge = "logsumexp"  # how the K interest scores become one (model/interest_merge.py)
     gate_weight: float = 1.0  # weight of the interest gate's own loss (0: the gate is not trained)
+    refiner: Literal["transformer", "llm"] = "transformer"  # "llm": SmolLM2-135M (llm_refiner.py)
+    llm_lora_rank: int = 8  # LoRA rank on the LLM's q/v projections (0: LLM wholly frozen)
+    llm_layers: int = 0  # LLM blocks kept (0: all 30)
+    llm_cache_dir: str = ""  # folder for the de-quantised LLM weights ("": de-quantise each build)
 
     def __post_init__(self) -> None:
         for name in ("dim", "heads", "layers", "recent_len", "coarse_interests", "interests"):
@@ -141,6 +147,11 @@ class Config:
             raise ConfigError(f"Config.merge must be one of {MERGES}; got {self.merge!r}")
         if self.gate_weight < 0.0:
             raise ConfigError(f"Config.gate_weight must be >= 0; got {self.gate_weight}")
+        if self.refiner not in ("transformer", "llm"):
+            raise ConfigError(
+                f"Config.refiner must be 'transformer' or 'llm'; got {self.refiner!r}"
+            )
+        check_llm_options(self.llm_lora_rank, self.llm_layers)
 
 
 class ItemEncoder(nn.Module):
@@ -298,8 +309,20 @@ class HyMiRec(SequentialRecommender):
         self.lightweight = CoarseInterestPooling(
             config.dim, config.coarse_interests, config.dropout
         )
-        self.refiner = InterestRefiner(config)
-        init_weights(self)
+        self.refiner: nn.Module = (
+            InterestRefiner(config) if config.refiner == "transformer" else nn.Identity()
+        )
+        init_weights(self)  # before the LLM joins: it would overwrite the pretrained weights
+        if config.refiner == "llm":
+            cache = Path(config.llm_cache_dir) if config.llm_cache_dir else None
+            self.refiner = LLMRefiner(
+                config.dim,
+                config.interests,
+                config.dropout,
+                config.llm_lora_rank,
+                config.llm_layers,
+                cache,
+            )
         # Built on a forked RNG: adding the gate left every other initial weight and the dropout
         # stream as they were, and its loss does not reach them, so the other weights train
         # exactly as without it (only the merge rule and what it selects on differ).
