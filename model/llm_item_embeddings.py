@@ -82,11 +82,11 @@ def llm_embedding_cache_path(texts: list[str], cache_dir: Path) -> Path:
 
 
 def embed_item_texts_llm(
-    texts: list[str], cache_dir: Path, batch_size: int = 64
+    texts: list[str], cache_dir: Path, batch_size: int = 64, weights_dir: Path | None = None
 ) -> npt.NDArray[np.float32]:
     """Unit-norm float32 LLM embeddings (len(texts), 576) of ``texts`` taken together (they are
-    centred on their mean), from or into the cache in ``cache_dir`` (the backbone's
-    de-quantised weights are cached there too)."""
+    centred on their mean), from or into the cache in ``cache_dir``; the backbone's
+    de-quantised weights are cached in ``weights_dir`` (default: ``cache_dir``)."""
     if not texts:
         raise DataError("no texts to embed")
     path = llm_embedding_cache_path(texts, cache_dir)
@@ -94,7 +94,7 @@ def embed_item_texts_llm(
         cached: npt.NDArray[np.float32] = np.load(path)
         if cached.shape == (len(texts), LLM_EMBEDDING_DIM) and cached.dtype == np.float32:
             return cached
-    backbone = load_backbone(cache_dir)
+    backbone = load_backbone(weights_dir if weights_dir is not None else cache_dir)
     raw = encode_texts(backbone, texts, batch_size).double()
     # The raw vectors share one dominant direction (on ML-100K the mean pairwise cosine is 0.95,
     # MiniLM's 0.46): centre them on their mean before normalising, which leaves the neighbour
