@@ -104,7 +104,7 @@ class RecommendationService:
         pool.refresh()
         features = UserFeatureReader(FeatureStoreClient(settings), catalog)
         features.rows.read([0])  # opens the online store now, not on a request
-        exposures = ExposureLog(settings.kafka)
+        exposures = ExposureLog(settings.kafka, on_failure=metrics.exposure_failed)
         return cls(settings, Splitter(config), pool, features, exposures, metrics, hold)
 
     def start(self) -> None:
@@ -175,8 +175,9 @@ class RecommendationService:
                 )
             )
         except BrokerError as exc:
-            # The user still gets the list; the lost exposure is counted and the readiness
-            # probe reports the broker until it acknowledges again.
+            # The user still gets the list; the lost exposure is counted (here when it could
+            # not be queued, by the exposure thread when the producer refused it) and the
+            # readiness probe reports the broker until it acknowledges again.
             self.metrics.exposure_failed()
             log.error("request %s: exposure not logged: %s", request_id, exc)
         return Recommendation(

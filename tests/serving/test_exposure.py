@@ -15,12 +15,13 @@ import pytest
 
 from abtest.clickhouse import analytics_client, query_df
 from abtest.sink import EventSink
-from core.errors import InvalidEvent
+from core.errors import BrokerError, InvalidEvent
 from core.settings import Settings
-from serving.exposure import Exposure, exposure_events
+from serving.exposure import Exposure, ExposureLog, exposure_events
 from streaming.kafka_io import EventProducer, ensure_topics
 from streaming.schema import Event, exposure_impressions, parse_event
 from tests.conftest import wait_until
+from tests.serving.conftest import read_impressions
 
 LIMIT = 64 * 1024
 
@@ -147,3 +148,51 @@ def test_the_sink_stores_new_and_old_records_as_the_same_impression_rows(
         (r.request_id, r.experiment, int(r.position), int(r.item_id)) for r in rows.itertuples()
     )
     assert got == expected
+
+
+@pytest.mark.integration
+def test_a_full_queue_fails_at_once_and_everything_queued_reaches_the_topic(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Requests only queue their exposure: while the exposure thread is held (as by a broker
+    that takes no records), ``log`` queues up to ``max_pending`` and then raises BrokerError
+    without waiting; once the thread runs again, ``check`` hands every queued exposure over and
+    the broker holds each one's record exactly once, and ``close`` sends what was queued last."""
+    settings = make_settings(kafka_events_topic_partitions=1)
+    ensure_topics(settings.kafka)
+    failures: list[int] = []
+    exposures = ExposureLog(settings.kafka, max_pending=5, on_failure=lambda: failures.append(1))
+    held, release = threading.Event(), threading.Event()
+    send = exposures._send
+
+    def held_send(e: Exposure) -> None:
+        held.set()
+        release.wait(60)
+        send(e)
+
+    exposures._send = held_send  # type: ignore[method-assign]
+    served = [exposure([i, i + 1], [("exp", "a")]) for i in range(7)]
+    try:
+        assert exposures.log(served[0]) == 1
+        assert held.wait(30)  # the thread has taken served[0] and waits
+        for e in served[1:6]:
+            assert exposures.log(e) == 1
+        with pytest.raises(BrokerError, match="5 exposures waiting"):
+            exposures.log(served[6])
+        assert exposures.failed == 1 and not exposures.healthy
+        assert exposures.log(exposure([], [("exp", "a")])) == 0  # an empty list logs nothing
+        release.set()
+        assert exposures.check(timeout_s=30)
+        assert exposures.sent == 6 and exposures.healthy
+        last = exposure([99], [("exp", "b"), ("ui", "x")])
+        assert exposures.log(last) == 2
+    finally:
+        release.set()
+        exposures.close(timeout_s=30)
+    assert exposures.sent == 8 and failures == []  # the refused one was the caller's to count
+    wanted = {e.request_id for e in [*served[:6], last]}
+    found = read_impressions(settings, wanted, expected=2 * 6 + 2, timeout_s=30)
+    assert Counter((f["request_id"], f["position"]) for f in found) == {
+        **{(e.request_id, p): 1 for e in served[:6] for p in (0, 1)},
+        (last.request_id, 0): 2,
+    }
