@@ -13,10 +13,14 @@ as the target set; ``--multi-target 0`` skips it).
 
 Run from the repository root: ``python -m benchmarks.offline_eval [--models ...] [--seeds 0 1 2]
 [--epochs E] [--threads T] [--multi-target N] [--clusters world|genres] [--results PATH]
-[--variants MODEL:KEY=VALUE,...]``. A variant (issue 22's ablations and W/K grid, e.g.
-``hymirec:interests=1``, ``hymirec:max_len=50`` for no long history, ``hymirec:target_window=10``)
-trains a model with config overrides (``max_len`` and ``target_window`` go to the harness) beside
-the plain models, at the same budget, and gets its own rows.
+[--variants MODEL:KEY=VALUE,...] [--item-encoder minilm|smollm2] [--max-users N]``. A variant
+(issue 22's ablations and W/K grid, e.g. ``hymirec:interests=1``, ``hymirec:max_len=50`` for no
+long history, ``hymirec:target_window=10``) trains a model with config overrides (``max_len`` and
+``target_window`` go to the harness) beside the plain models, at the same budget, and gets its
+own rows. The LLM backbone (issue 22 item 7): ``--item-encoder smollm2`` embeds item text with
+SmolLM2-135M instead of MiniLM (only HyMiRec reads it); ``hymirec:refiner=llm`` makes the frozen
+SmolLM2-135M (LoRA) HyMiRec's refiner, a GPU job (``benchmarks/gpu_check.sh``); the ``backbone``
+column says what each row used. ``--max-users N`` keeps the first N users (smoke runs).
 """
 
 from __future__ import annotations
@@ -42,7 +46,13 @@ from core.movielens import load_ratings
 from core.settings import Settings, load_settings
 from model import zoo
 from model.base import CatalogInfo
-from model.data import SequenceData, build_catalog, load_movielens_sequences
+from model.data import (
+    ITEM_ENCODERS,
+    ItemTextEncoder,
+    SequenceData,
+    build_catalog,
+    load_movielens_sequences,
+)
 from model.evaluate import genre_ids
 from model.interest_merge import MERGES, Merge
 from model.multi_target import evaluate_multi_target, holdout_data, tie_free_users
@@ -123,6 +133,10 @@ class Variant:
         return f"{self.name} ({', '.join(f'{k}={v}' for k, v in settings.items())})"
 
     def train(self, catalog: CatalogInfo, data: SequenceData, seed: int, args: Any) -> RunResult:
+        overrides = dict(self.overrides)
+        cache = getattr(args, "llm_cache_dir", None)  # de-quantise the LLM once, then read it
+        if overrides.get("refiner") == "llm" and cache is not None:
+            overrides.setdefault("llm_cache_dir", str(cache))
         return train_and_evaluate(
             self.name,
             catalog,
@@ -131,7 +145,7 @@ class Variant:
             epochs=args.epochs,
             batch_size=args.batch_size,
             patience=args.patience,
-            overrides=self.overrides or None,
+            overrides=overrides or None,
             max_len=self.harness.get("max_len"),
             target_window=self.harness.get("target_window"),
         )
@@ -178,12 +192,28 @@ def mean_std(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(runs: dict[str, list[RunResult]]) -> str:
-    head = ["model", *(label for label, _ in METRICS)]
+ENCODER_NAMES: dict[str, str] = {"minilm": "MiniLM-L6", "smollm2": "SmolLM2-135M"}
+
+
+def backbone_of(config: dict[str, Any], item_encoder: str) -> str:
+    """Which refiner and item-text encoder a run used: HyMiRec reads item text, the others
+    learn from item ids only."""
+    if "refiner" not in config:
+        return "ids only"
+    if config["refiner"] == "llm":
+        blocks = f", {config['llm_layers']} blocks" if config.get("llm_layers") else ""
+        refiner = f"SmolLM2-135M refiner (LoRA r{config['llm_lora_rank']}{blocks})"
+    else:
+        refiner = "transformer refiner"
+    return f"{refiner}; {ENCODER_NAMES[item_encoder]} item text"
+
+
+def table(runs: dict[str, list[RunResult]], item_encoder: str = "minilm") -> str:
+    head = ["model", "backbone", *(label for label, _ in METRICS)]
     head += ["best/run epochs", "train s", "samples/s", "peak MB", "device"]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 2) + "|---|"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 3) + "|---|"]
     for name, results in runs.items():
-        cells = [name]
+        cells = [name, backbone_of(results[0].config, item_encoder)]
         cells += [mean_std([r.test[key] for r in results]) for _, key in METRICS]
         cells.append(", ".join(f"{r.best_epoch}/{r.epochs_run}" for r in results))
         cells.append(mean_std([r.train_time_s for r in results], 1))
@@ -313,6 +343,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--multi-target", type=int, default=10, help="target set size; 0: skip")
     parser.add_argument("--clusters", choices=sorted(CLUSTERS), default="world")
     parser.add_argument(
+        "--item-encoder",
+        choices=ITEM_ENCODERS,
+        default="minilm",
+        help="item-text encoder of the catalogue (smollm2: the LLM backbone)",
+    )
+    parser.add_argument("--max-users", type=int, default=0, help="keep the first N users; 0: all")
+    parser.add_argument(
         "--variants",
         nargs="*",
         type=variant_argument,
@@ -322,13 +359,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def first_users(data: SequenceData, args: argparse.Namespace) -> SequenceData:
+    """The first ``args.max_users`` users of ``data`` (all when 0)."""
+    keep = args.max_users or data.num_users
+    if keep >= data.num_users:
+        return data
+    return SequenceData(
+        data.user_ids[:keep], data.item_ids, data.items[:keep], data.timestamps_s[:keep]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = machine_now()
 
     settings = load_settings()
-    catalog, data = build_catalog(settings), load_movielens_sequences()
+    args.llm_cache_dir = settings.embedding_cache_dir
+    encoder: ItemTextEncoder = args.item_encoder
+    catalog, data = build_catalog(settings, encoder), first_users(load_movielens_sequences(), args)
     clusters = item_clusters(args.clusters, catalog, data, settings) if args.multi_target else None
     runs: dict[str, list[RunResult]] = {}
     loo_extras: dict[str, list[Extras]] = {}
@@ -368,11 +417,12 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Command: `{command}` (seeds {', '.join(map(str, args.seeds))}; at most {args.epochs} "
         f"epochs, patience {args.patience}, batch {args.batch_size}, {args.threads} torch "
-        f"threads; 1-minute load at the end: {os.getloadavg()[0]:.2f})",
+        f"threads; {ENCODER_NAMES[encoder]} item text; {data.num_users} users; 1-minute load at "
+        f"the end: {os.getloadavg()[0]:.2f})",
         "",
         PROTOCOL,
         "",
-        table(runs),
+        table(runs, encoder),
         "",
         multi_protocol(args.multi_target, args.clusters),
         "",
