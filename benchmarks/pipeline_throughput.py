@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             ensure_topics(base.kafka)
             produce_rate = raw_produce(base, records)
             print(f"raw produce: {produce_rate:,.0f}/s", file=sys.stderr)
-            consume_kp = raw_consume_kafka_python(base, base.events_topic, n)
-            consume_aio = raw_consume_aiokafka(base, base.events_topic, n)
+            consume_kp = raw_consume_kafka_python(base, base.kafka.events_topic, n)
+            consume_aio = raw_consume_aiokafka(base, base.kafka.events_topic, n)
             print(
                 f"raw consume: {consume_kp:,.0f}/s, aiokafka {consume_aio:,.0f}/s", file=sys.stderr
             )

@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -93,7 +93,8 @@ def uuid_texts(rng: np.random.Generator, n: int) -> list[str]:
 def rank_within(groups: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """0, 1, ... within each run of a repeated group index (np.repeat(arange, counts))."""
     starts = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.arange(groups.size) - starts
+    ranks: np.ndarray = np.arange(groups.size) - starts
+    return ranks
 
 
 def generate_chunk(
@@ -136,7 +137,7 @@ def generate_chunk(
     served = np.flatnonzero(~failed)
     imp_r = np.repeat(served, ITEMS_PER_REQUEST)
     imp_u = req_u[imp_r]
-    impressions = {
+    impressions: dict[str, Any] = {
         "user_id": users[imp_u],
         "item_id": rng.integers(1, ITEMS + 1, imp_r.size),
         "event_type": "impression",
@@ -152,7 +153,7 @@ def generate_chunk(
     click_p = np.clip(0.06 * np.sqrt(activity), 0, 0.5) * (1.0 + effect * treated)
     clicked = rng.random(imp_r.size) < click_p[imp_u]
     click_ts = impressions["ts_ms"][clicked] + rng.integers(1000, 60_000, int(clicked.sum()))
-    clicks = {
+    clicks: dict[str, Any] = {
         "user_id": impressions["user_id"][clicked],
         "item_id": impressions["item_id"][clicked],
         "event_type": "click",

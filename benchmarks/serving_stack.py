@@ -39,7 +39,7 @@ from core.errors import HymirecError
 from core.movielens import load_ratings, replay_histories
 from core.settings import Settings
 from features.item_features import ItemFeatures, build_item_features, load_item_features
-from features.store import FeatureStoreClient, UserHistoryFeatures
+from features.store import FeatureStoreClient, UserHistoryFeatures, UserHistoryProtos
 from hymirec.processes import ServiceProcess
 from model.checkpoint_registry import CheckpointRegistry
 from model.data import build_catalog
@@ -172,7 +172,7 @@ class HistoryChurn:
 
     def push(self, users: list[int]) -> None:
         now = datetime.now(UTC)
-        data = []
+        data: UserHistoryProtos = []
         for user in users:
             n = self.pushes.get(user, 0) + 1
             self.pushes[user] = n
