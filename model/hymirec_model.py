@@ -120,6 +120,7 @@ class Config:
     dense_weight: float = 1.0  # weight of the auxiliary next-item loss on the recent positions
     merge: Merge = "logsumexp"  # how the K interest scores become one (model/interest_merge.py)
     gate_weight: float = 1.0  # weight of the interest gate's own loss (0: the gate is not trained)
+    item_bias: bool = False  # a learned per-item logit offset (popularity), beside the cosines
     refiner: Literal["transformer", "llm"] = "transformer"  # "llm": SmolLM2-135M (llm_refiner.py)
     llm_lora_rank: int = 8  # LoRA rank on the LLM's q/v projections (0: LLM wholly frozen)
     llm_layers: int = 0  # LLM blocks kept (0: all 30)
@@ -323,6 +324,12 @@ class HyMiRec(SequentialRecommender):
                 config.llm_layers,
                 cache,
             )
+        # Scores are cosines over a temperature, so an item's popularity cannot sit in its norm
+        # as it does in SASRec's dot products: ``item_bias`` adds a logit per item (zeros at the
+        # start, no random draw, so the other weights initialise as without it).
+        self.item_bias = (
+            nn.Parameter(torch.zeros(catalog.codes.shape[0])) if config.item_bias else None
+        )
         # Built on a forked RNG: adding the gate left every other initial weight and the dropout
         # stream as they were, and its loss does not reach them, so the other weights train
         # exactly as without it (only the merge rule and what it selects on differ).
@@ -375,7 +382,15 @@ class HyMiRec(SequentialRecommender):
         rule = merge or self.config.merge
         scores = torch.einsum("...kd,nd->...kn", interests, items)
         logits = self.gate(interests) if rule == "gate" else None
-        return merge_interest_scores(scores, rule, self.config.temperature, logits)
+        merged = merge_interest_scores(scores, rule, self.config.temperature, logits)
+        if self.item_bias is None:
+            return merged
+        if items.shape[0] != self.item_bias.shape[0]:
+            raise ValueError(
+                f"item_bias covers {self.item_bias.shape[0]} items; got {items.shape[0]}"
+            )
+        # the same for every interest, so it commutes with every merge rule: tau * (s / tau + b)
+        return merged + self.config.temperature * self.item_bias.to(merged.dtype)
 
     def score_all(self, batch: Batch, merge: Merge | None = None) -> Tensor:
         """The base class's scoring, defined here so that callers that special-case the base
@@ -401,6 +416,8 @@ class HyMiRec(SequentialRecommender):
         if not valid.any():
             return states.new_zeros(())
         logits = states[valid].float() @ items.float().T / self.config.temperature
+        if self.item_bias is not None:
+            logits = logits + self.item_bias.float()
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, next_items[valid])
 
@@ -413,7 +430,7 @@ class HyMiRec(SequentialRecommender):
             interests, items[batch.targets], valid, self.config.assignment, self.config.kmeans_iters
         )
         loss = multi_interest_loss(
-            interests, items, batch.targets, assignment, self.config.temperature
+            interests, items, batch.targets, assignment, self.config.temperature, self.item_bias
         )
         if self.config.diversity_weight > 0.0:
             loss = loss + self.config.diversity_weight * diversity_penalty(interests)

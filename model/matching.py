@@ -168,10 +168,16 @@ def assign_targets(
 
 
 def multi_interest_loss(
-    interests: Tensor, items: Tensor, targets: Tensor, assignment: Tensor, temperature: float
+    interests: Tensor,
+    items: Tensor,
+    targets: Tensor,
+    assignment: Tensor,
+    temperature: float,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Mean softmax cross-entropy over all items (row 0, padding, excluded) of each target
-    against the interest it is assigned to: -log softmax(<u_k, e_i> / temperature)[target]."""
+    against the interest it is assigned to: -log softmax(<u_k, e_i> / temperature + b_i)[target]
+    (``bias`` (N + 1,) per-item logits, or none)."""
     chosen = assignment >= 0
     if not bool(chosen.any()):
         return interests.sum() * 0.0  # no targets in the batch: a zero that keeps the graph
@@ -179,6 +185,8 @@ def multi_interest_loss(
     index = assignment.clamp(min=0)[..., None].expand(-1, -1, dim)
     user_vectors = interests.gather(1, index)[chosen]  # (M, D)
     logits = user_vectors @ items.T / temperature  # (M, N + 1)
+    if bias is not None:
+        logits = logits + bias
     logits[:, 0] = -torch.inf
     return F.cross_entropy(logits, targets[chosen])
 

@@ -276,3 +276,37 @@ def test_dense_weight_adds_the_weighted_dense_loss(catalog: CatalogInfo) -> None
         assert dense.loss(batch).item() == pytest.approx(
             plain.loss(batch).item() + 0.5 * extra.item(), rel=1e-5
         )
+
+
+def test_item_bias_adds_a_logit_per_item_under_every_merge(catalog: CatalogInfo) -> None:
+    """``item_bias``: zero at the start (scores as without it, the same weights), then each
+    interest's logit gains b_i, so tau*logsumexp_k(s_k/tau + b_i) = merge + tau*b_i; training
+    raises the bias of an item every user takes next."""
+    plain = model_for(catalog)
+    biased = model_for(catalog, dataclasses.replace(TINY, item_bias=True))
+    batch = batch_of(HISTORY)
+    with torch.no_grad():
+        assert torch.equal(plain.score_all(batch), biased.score_all(batch))
+        assert biased.item_bias is not None
+        biased.item_bias.copy_(torch.linspace(-1.0, 1.0, NUM_ITEMS + 1))
+        interests, items = biased.user_interests(batch), biased.item_embeddings()
+        cosines = torch.einsum("bkd,nd->bkn", interests, items)
+        tau, bias = TINY.temperature, biased.item_bias
+        by_hand = tau * torch.logsumexp(cosines / tau + bias, dim=1)
+        assert torch.allclose(biased.score_all(batch)[:, 1:], by_hand[:, 1:], atol=1e-5)
+        for merge in ("max", "gate"):
+            shift = (biased.score_all(batch, merge) - plain.score_all(batch, merge))[:, 1:]
+            assert torch.allclose(shift, tau * bias[1:].expand_as(shift), atol=1e-5), merge
+        with pytest.raises(ValueError, match="item_bias covers 41 items; got 40"):
+            biased.interest_scores(interests, items[1:])
+    trained = model_for(catalog, dataclasses.replace(TINY, item_bias=True, dense_weight=0.0))
+    trained.train()
+    optimiser = torch.optim.Adam(trained.parameters(), lr=0.05)
+    popular = torch.tensor([[7, 0], [7, 0]])
+    for _ in range(20):
+        optimiser.zero_grad()
+        trained.loss(batch_of(HISTORY, popular)).backward()
+        optimiser.step()
+    assert trained.item_bias is not None
+    others = torch.cat([trained.item_bias[1:7], trained.item_bias[8:]])
+    assert trained.item_bias[7] > others.max()
