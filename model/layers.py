@@ -46,6 +46,27 @@ class SelfAttention(nn.Module):
         merged: Tensor = self.proj(out.transpose(1, 2).reshape(batch, length, dim))
         return merged
 
+    def forward_last(self, x: Tensor, attn_mask: Tensor, rows: int) -> Tensor:
+        """``forward(x, attn_mask)[:, -rows:]`` without computing the other rows' outputs: the
+        same operations on the rows kept (the keys and values of every position are still
+        needed), so the same numbers up to float rounding (a single row may take another kernel;
+        ``tests/model/test_layers.py``)."""
+        batch, length, dim = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        k, v = torch.split(F.linear(x, weight[dim:], bias[dim:]), dim, dim=2)
+        q = F.linear(x[:, -rows:], weight[:dim], bias[:dim])
+        head_dim = dim // self.heads
+        q = q.view(batch, rows, self.heads, head_dim).transpose(1, 2)
+        k, v = (t.view(batch, length, self.heads, head_dim).transpose(1, 2) for t in (k, v))
+        eye = torch.eye(length, dtype=torch.bool, device=x.device)[-rows:]
+        mask = attn_mask[..., -rows:, :]
+        mask = mask | (~mask.any(dim=-1, keepdim=True) & eye)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        merged: Tensor = self.proj(out.transpose(1, 2).reshape(batch, rows, dim))
+        return merged
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
@@ -74,6 +95,14 @@ class Block(nn.Module):
         x = x + self.dropout(self.attn(self.ln1(x), attn_mask))
         ffn_out: Tensor = self.ffn(self.ln2(x))
         return x + ffn_out
+
+    def forward_last(self, x: Tensor, attn_mask: Tensor, rows: int) -> Tensor:
+        """``forward(x, attn_mask)[:, -rows:]``, computing only those rows (the last block of a
+        model whose output is read at its last positions)."""
+        attended: Tensor = self.attn.forward_last(self.ln1(x), attn_mask, rows)
+        out: Tensor = x[:, -rows:] + self.dropout(attended)
+        ffn_out: Tensor = self.ffn(self.ln2(out))
+        return out + ffn_out
 
 
 def causal_padding_mask(valid: Tensor) -> Tensor:
