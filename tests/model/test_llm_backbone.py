@@ -7,7 +7,6 @@ EMBEDDING_CACHE): the first run de-quantises once (~15 s), later runs read the c
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -17,12 +16,13 @@ import torch
 
 from core.errors import ConfigError, DataError
 from core.settings import load_settings
-from model import zoo
+from model.base import Batch
 from model.data import build_catalog, training_batches
 from model.hymirec_model import Config, HyMiRec
 from model.llm_backbone import Backbone, gguf_path, load_backbone
 from model.llm_item_embeddings import embed_item_texts_llm, encode_texts
 from model.llm_refiner import LLMRefiner, LoRALinear
+from model.training.offline import load_checkpoint, save_checkpoint, train_and_evaluate
 from tests.conftest import EMBEDDING_CACHE
 from tests.model.offline_fixtures import cyclic_data, tiny_catalog
 
@@ -48,7 +48,7 @@ def llm_config(**overrides: object) -> Config:
     return Config(**{**values, **overrides})  # type: ignore[arg-type]
 
 
-def tiny_batch():  # type: ignore[no-untyped-def]
+def tiny_batch() -> Batch:
     data = cyclic_data(num_users=8, num_items=30, length=20)
     return next(training_batches(data, 20, 4, np.random.default_rng(0), target_window=5))
 
@@ -170,25 +170,21 @@ def test_training_steps_move_lora_and_adapters_only() -> None:
 def test_a_checkpoint_holds_the_trainable_part_and_reloads_to_equal_scores(
     tmp_path: Path,
 ) -> None:
-    catalog, batch = tiny_catalog(30), tiny_batch()
-    config = llm_config()
-    torch.manual_seed(0)
-    model = HyMiRec(catalog, config)
-    with torch.no_grad():  # as if trained: LoRA's B away from zero
-        for name, parameter in model.named_parameters():
-            if "lora_b" in name:
-                parameter.normal_(std=0.01)
-    state = model.state_dict()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    """Through the harness's own checkpoint format: train an epoch, save, load, score."""
+    catalog, data, batch = tiny_catalog(30), cyclic_data(8, 30, 20), tiny_batch()
+    overrides = {"refiner": "llm", "recent_len": 8, "llm_cache_dir": str(EMBEDDING_CACHE)}
+    run = train_and_evaluate("hymirec", catalog, data, seed=0, epochs=1, overrides=overrides)
+    state = run.model.state_dict()
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert set(state) == trainable  # no frozen LLM weight in the checkpoint
-    torch.save({"config": dataclasses.asdict(config), "state_dict": state}, tmp_path / "m.pt")
+    assert any(bool(state[n].abs().sum() > 0) for n in state if "lora_b" in n)  # LoRA trained
+    save_checkpoint(run, tmp_path / "m.pt")
     assert (tmp_path / "m.pt").stat().st_size < 5_000_000  # vs 425 MB for the frozen body
-    payload = torch.load(tmp_path / "m.pt", weights_only=True)
     torch.manual_seed(1)  # a different initialisation, overwritten by the checkpoint
-    reloaded = zoo.build("hymirec", catalog, **payload["config"])
-    reloaded.load_state_dict(payload["state_dict"])
+    loaded = load_checkpoint(tmp_path / "m.pt", catalog)
+    assert loaded.config["refiner"] == "llm"
     with torch.no_grad():
-        assert torch.equal(reloaded.eval().score_all(batch), model.eval().score_all(batch))
+        assert torch.equal(loaded.model.score_all(batch), run.model.eval().score_all(batch))
 
 
 @pytest.mark.slow
