@@ -114,7 +114,7 @@ table in the authors' repository README (facebookresearch/generative-recommender
 the paper's results; the paper's own table was not opened."""
 
 
-HARNESS_KEYS = ("max_len", "target_window")  # a variant's keys that go to the harness
+HARNESS_KEYS = ("max_len", "target_window", "samples_per_user")  # keys for the harness
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,7 @@ class Variant:
             overrides=overrides or None,
             max_len=self.harness.get("max_len"),
             target_window=self.harness.get("target_window"),
+            samples_per_user=self.harness.get("samples_per_user"),
         )
 
 

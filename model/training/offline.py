@@ -295,12 +295,14 @@ def train_and_evaluate(
     patience: int = 3,
     max_len: int | None = None,
     target_window: int | None = None,
+    samples_per_user: int | None = None,
     overrides: dict[str, Any] | None = None,
     on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> RunResult:
     """Train model ``name`` on ``data`` (seeded), early-stop on validation NDCG@10, test the best.
 
-    ``max_len``/``target_window`` default to the registry's per-model choices; a model Config with
+    ``max_len``/``target_window``/``samples_per_user`` (prefixes per user and epoch, for models
+    trained on sampled cuts) default to the registry's per-model choices; a model Config with
     a ``max_len`` field gets the harness's ``max_len`` unless ``overrides`` sets it. ``on_epoch``
     is called after every epoch's validation with (epoch, at most epochs, that epoch's metrics
     and loss), for a progress display.
@@ -311,6 +313,10 @@ def train_and_evaluate(
         raise ConfigError("epochs must be >= 0 and patience >= 1")
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = zoo.training_defaults(name)
+    if samples_per_user is not None:
+        if samples_per_user < 1:
+            raise ConfigError(f"samples_per_user must be >= 1; got {samples_per_user}")
+        defaults = dataclasses.replace(defaults, samples_per_user=samples_per_user)
     max_len = max_len or defaults.max_len
     window = target_window or defaults.target_window
     _seed_everything(seed)
