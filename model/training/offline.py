@@ -281,6 +281,16 @@ def _fit(
     return fit
 
 
+def _defaults(name: str, samples_per_user: int | None) -> zoo.TrainingDefaults:
+    """The model's training defaults, with ``samples_per_user`` when given."""
+    defaults = zoo.training_defaults(name)
+    if samples_per_user is None:
+        return defaults
+    if samples_per_user < 1:
+        raise ConfigError(f"samples_per_user must be >= 1; got {samples_per_user}")
+    return dataclasses.replace(defaults, samples_per_user=samples_per_user)
+
+
 def train_and_evaluate(
     name: str,
     catalog: CatalogInfo,
@@ -312,11 +322,7 @@ def train_and_evaluate(
     if epochs < 0 or patience < 1:
         raise ConfigError("epochs must be >= 0 and patience >= 1")
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = zoo.training_defaults(name)
-    if samples_per_user is not None:
-        if samples_per_user < 1:
-            raise ConfigError(f"samples_per_user must be >= 1; got {samples_per_user}")
-        defaults = dataclasses.replace(defaults, samples_per_user=samples_per_user)
+    defaults = _defaults(name, samples_per_user)
     max_len = max_len or defaults.max_len
     window = target_window or defaults.target_window
     _seed_everything(seed)
