@@ -27,6 +27,7 @@ __all__ = [
     "embed_movielens_items",
     "embedding_cache_path",
     "load_sentence_encoder",
+    "write_cache",
 ]
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -83,13 +84,18 @@ def embed_item_texts(
     if not np.all(norms > 0):
         raise DataError("the encoder returned a zero vector; cannot normalise")
     embeddings: npt.NDArray[np.float32] = (vectors / norms).astype(np.float32)
+    write_cache(path, embeddings)
+    return embeddings
+
+
+def write_cache(path: Path, embeddings: npt.NDArray[np.float32]) -> None:
+    """Save ``embeddings`` as ``path`` (.npy), written beside it and renamed into place, so a
+    reader (another process, another test worker) never sees a half-written cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a reader never sees a half-written cache file.
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with partial.open("wb") as handle:
         np.save(handle, embeddings)
     os.replace(partial, path)
-    return embeddings
 
 
 def embed_movielens_items(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 
 from core.errors import DataError
 from core.movielens import item_texts, load_items
+from features.item_embeddings import write_cache
 from model.llm_backbone import BACKBONE_NAME, Backbone, load_backbone
 
 __all__ = [
@@ -106,11 +106,7 @@ def embed_item_texts_llm(
     embeddings: npt.NDArray[np.float32] = (centred / norms).numpy().astype(np.float32)
     if embeddings.shape != (len(texts), LLM_EMBEDDING_DIM):
         raise DataError(f"LLM embeddings have shape {embeddings.shape}; expected (n, 576)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with partial.open("wb") as handle:
-        np.save(handle, embeddings)
-    os.replace(partial, path)
+    write_cache(path, embeddings)
     return embeddings
 
 
