@@ -27,6 +27,7 @@ __all__ = [
     "embed_movielens_items",
     "embedding_cache_path",
     "load_sentence_encoder",
+    "read_cache",
     "write_cache",
 ]
 
@@ -64,11 +65,9 @@ def embed_item_texts(
     if not texts:
         raise DataError("no texts to embed")
     path = embedding_cache_path(texts, cache_dir)
-    if path.is_file():
-        cached: npt.NDArray[np.float32] = np.load(path)
-        if cached.shape == (len(texts), EMBEDDING_DIM) and cached.dtype == np.float32:
-            return cached
-        # A file of the wrong shape (e.g. a truncated write by an older version): recompute.
+    cached = read_cache(path, (len(texts), EMBEDDING_DIM))
+    if cached is not None:
+        return cached
     model = load_sentence_encoder()
     raw = model.encode(
         texts,
@@ -86,6 +85,15 @@ def embed_item_texts(
     embeddings: npt.NDArray[np.float32] = (vectors / norms).astype(np.float32)
     write_cache(path, embeddings)
     return embeddings
+
+
+def read_cache(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.float32] | None:
+    """The float32 array cached at ``path`` if it has ``shape``; None when there is none or it
+    does not fit (e.g. a truncated write by an older version): the caller recomputes it."""
+    if not path.is_file():
+        return None
+    cached: npt.NDArray[np.float32] = np.load(path)
+    return cached if cached.shape == shape and cached.dtype == np.float32 else None
 
 
 def write_cache(path: Path, embeddings: npt.NDArray[np.float32]) -> None:

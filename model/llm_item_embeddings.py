@@ -24,7 +24,7 @@ import torch
 
 from core.errors import DataError
 from core.movielens import item_texts, load_items
-from features.item_embeddings import write_cache
+from features.item_embeddings import read_cache, write_cache
 from model.llm_backbone import BACKBONE_NAME, Backbone, load_backbone
 
 __all__ = [
@@ -90,10 +90,9 @@ def embed_item_texts_llm(
     if not texts:
         raise DataError("no texts to embed")
     path = llm_embedding_cache_path(texts, cache_dir)
-    if path.is_file():
-        cached: npt.NDArray[np.float32] = np.load(path)
-        if cached.shape == (len(texts), LLM_EMBEDDING_DIM) and cached.dtype == np.float32:
-            return cached
+    cached = read_cache(path, (len(texts), LLM_EMBEDDING_DIM))
+    if cached is not None:
+        return cached
     backbone = load_backbone(weights_dir if weights_dir is not None else cache_dir)
     raw = encode_texts(backbone, texts, batch_size).double()
     # The raw vectors share one dominant direction (on ML-100K the mean pairwise cosine is 0.95,

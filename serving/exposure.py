@@ -123,7 +123,7 @@ class ExposureLog:
                 reason = "closed" if self._closing else f"{self.max_pending} exposures waiting"
                 self.failed += records
                 self.healthy = False
-                self.last_error = f"exposure not queued: {reason} ({self.last_error})"
+                self.last_error = f"exposure not queued: {reason}"
                 raise BrokerError(self.last_error)
             self._pending.append(exposure)
             if len(self._pending) == 1:
