@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.offline_eval import Variant, machine_now, mean_std, variant_argument
+from benchmarks.offline_eval import machine_now, mean_std
 from benchmarks.report import append_section
+from benchmarks.variants import Variant, variant_argument
 from model.base import Batch
 from model.data import evaluation_batches
 from model.evaluate import RankingAccumulator, masked_scores, top_items

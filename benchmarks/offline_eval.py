@@ -15,8 +15,8 @@ Run from the repository root: ``python -m benchmarks.offline_eval [--models ...]
 [--epochs E] [--threads T] [--multi-target N] [--clusters world|genres] [--results PATH]
 [--variants MODEL:KEY=VALUE,...] [--item-encoder minilm|smollm2] [--max-users N]``. A variant
 (issue 22's ablations and W/K grid, e.g. ``hymirec:interests=1``, ``hymirec:max_len=50`` for no
-long history, ``hymirec:target_window=10``) trains a model with config overrides (``max_len`` and
-``target_window`` go to the harness) beside the plain models, at the same budget, and gets its
+long history, ``hymirec:target_window=10``, ``hymirec:codebook=trained``: ``benchmarks.variants``)
+trains a model with config overrides beside the plain models, at the same budget, and gets its
 own rows. The LLM backbone (issue 22 item 7): ``--item-encoder smollm2`` embeds item text with
 SmolLM2-135M instead of MiniLM (only HyMiRec reads it); ``hymirec:refiner=llm`` makes the frozen
 SmolLM2-135M (LoRA) HyMiRec's refiner, a GPU job (``benchmarks/gpu_check.sh``); the ``backbone``
@@ -26,13 +26,11 @@ column says what each row used. ``--max-users N`` keeps the first N users (smoke
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime as dt
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,8 @@ import torch
 from torch import Tensor
 
 from benchmarks.report import append_section, device, machine
-from core.errors import ConfigError, HymirecError
+from benchmarks.variants import Variant, variant_argument
+from core.errors import HymirecError
 from core.movielens import load_ratings
 from core.settings import Settings, load_settings
 from model import zoo
@@ -56,7 +55,7 @@ from model.data import (
 from model.evaluate import genre_ids
 from model.interest_merge import MERGES, Merge
 from model.multi_target import evaluate_multi_target, holdout_data, tie_free_users
-from model.training.offline import RunResult, evaluate_model, train_and_evaluate
+from model.training.offline import RunResult, evaluate_model
 from simulator.grounded import grounded_population
 
 METRICS = [
@@ -112,74 +111,6 @@ Transducers for Generative Recommendations" (ICML), ML-1M full-corpus HR@10 / ND
 0.2853 / 0.1603, HSTU 0.3097 / 0.1720, HSTU-large 0.3294 / 0.1893. Checked here against the ML-1M \
 table in the authors' repository README (facebookresearch/generative-recommenders), which reports \
 the paper's results; the paper's own table was not opened."""
-
-
-HARNESS_KEYS = ("max_len", "target_window", "samples_per_user")  # keys for the harness
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A model trained with config ``overrides`` and harness arguments (``max_len``, ...)."""
-
-    name: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    harness: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        settings = {**self.overrides, **self.harness}
-        if not settings:
-            return self.name
-        return f"{self.name} ({', '.join(f'{k}={v}' for k, v in settings.items())})"
-
-    def train(self, catalog: CatalogInfo, data: SequenceData, seed: int, args: Any) -> RunResult:
-        overrides = dict(self.overrides)
-        cache = getattr(args, "llm_cache_dir", None)  # de-quantise the LLM once, then read it
-        if overrides.get("refiner") == "llm" and cache is not None:
-            overrides.setdefault("llm_cache_dir", str(cache))
-        return train_and_evaluate(
-            self.name,
-            catalog,
-            data,
-            seed=seed,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            patience=args.patience,
-            overrides=overrides or None,
-            max_len=self.harness.get("max_len"),
-            target_window=self.harness.get("target_window"),
-            samples_per_user=self.harness.get("samples_per_user"),
-        )
-
-
-def parse_variant(spec: str) -> Variant:
-    """``model:key=value,key=value`` (values as Python literals, else strings); unknown models
-    or config fields are a ConfigError naming them."""
-    name, _, body = spec.partition(":")
-    overrides: dict[str, Any] = {}
-    harness: dict[str, int] = {}
-    for pair in filter(None, body.split(",")):
-        key, sep, text = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"variant {spec!r}: {pair!r} is not key=value")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        key = key.strip()
-        if key in HARNESS_KEYS and not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"variant {spec!r}: {key} must be an integer >= 1; got {text!r}")
-        (harness if key in HARNESS_KEYS else overrides)[key] = value
-    zoo.make_config(name, **overrides)  # unknown model or field: ConfigError now, not mid-run
-    return Variant(name, overrides, harness)
-
-
-def variant_argument(spec: str) -> Variant:
-    """:func:`parse_variant` for argparse (its errors become a usage message)."""
-    try:
-        return parse_variant(spec)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def machine_now() -> str:

@@ -79,6 +79,11 @@ class Config:
     merge: Merge = "logsumexp"  # how the K interest scores become one (model/interest_merge.py)
     gate_weight: float = 1.0  # weight of the interest gate's own loss (0: the gate is not trained)
     item_bias: bool = False  # a learned per-item logit offset (popularity), beside the cosines
+    long_positions: bool = False  # add a learned embedding of each long item's age (log2 buckets)
+    # "adapter": the long history's codes approximate text embeddings and share the item encoder's
+    # adapter; "own": their own linear map (a codebook fitted on other vectors, e.g. trained item
+    # embeddings: ``model.stage1_codebook``)
+    long_projection: Literal["adapter", "own"] = "adapter"
     refiner: Literal["transformer", "llm"] = "transformer"  # "llm": SmolLM2-135M (llm_refiner.py)
     llm_lora_rank: int = 8  # LoRA rank on the LLM's q/v projections (0: LLM wholly frozen)
     llm_layers: int = 0  # LLM blocks kept (0: all 30)
@@ -106,6 +111,10 @@ class Config:
             raise ConfigError(f"Config.merge must be one of {MERGES}; got {self.merge!r}")
         if self.gate_weight < 0.0:
             raise ConfigError(f"Config.gate_weight must be >= 0; got {self.gate_weight}")
+        if self.long_projection not in ("adapter", "own"):
+            raise ConfigError(
+                f"Config.long_projection must be 'adapter' or 'own'; got {self.long_projection!r}"
+            )
         if self.refiner not in ("transformer", "llm"):
             raise ConfigError(
                 f"Config.refiner must be 'transformer' or 'llm'; got {self.refiner!r}"

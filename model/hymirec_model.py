@@ -50,7 +50,18 @@ from model.layers import MLP, Block, causal_padding_mask, init_weights
 from model.llm_refiner import LLMRefiner
 from model.matching import assign_targets, diversity_penalty, multi_interest_loss
 
-__all__ = ["Config", "HyMiRec", "build_model"]
+__all__ = ["LONG_AGE_BUCKETS", "Config", "HyMiRec", "build_model", "long_age_buckets"]
+
+LONG_AGE_BUCKETS = 12  # ages 0 .. 2046 get their own log2 bucket; older items share the last
+
+
+def long_age_buckets(length: int, device: torch.device | str = "cpu") -> Tensor:
+    """(length,) ``min(floor(log2(age + 1)), LONG_AGE_BUCKETS - 1)`` of each position of a long
+    history ``length`` items long, newest last (age 0): left padding leaves the newest item's
+    age where it is, so training's padded rows and serving's bare rows get the same buckets."""
+    ages = torch.arange(length - 1, -1, -1, device=device)
+    bounds = 2 ** torch.arange(1, LONG_AGE_BUCKETS, device=device) - 1
+    return torch.bucketize(ages, bounds, right=True)
 
 
 class ItemEncoder(nn.Module):
@@ -226,6 +237,14 @@ class HyMiRec(SequentialRecommender):
         self.lightweight = CoarseInterestPooling(
             config.dim, config.coarse_interests, config.dropout
         )
+        # Both absent by default, so a default model draws the same initial weights as before.
+        self.long_ages = (
+            nn.Embedding(LONG_AGE_BUCKETS, config.dim) if config.long_positions else None
+        )
+        code_dim = catalog.codebook_centroids.shape[-1]
+        self.long_project = (
+            nn.Linear(code_dim, config.dim) if config.long_projection == "own" else None
+        )
         self.refiner: nn.Module = (
             InterestRefiner(config) if config.refiner == "transformer" else nn.Identity()
         )
@@ -267,8 +286,20 @@ class HyMiRec(SequentialRecommender):
         Rows whose codes are all UNKNOWN (padding, or an item the codebook does not know, which
         decodes to zero anyway) are ignored. Cache the result per user for serving.
         """
-        tokens = self.decoder(history_codes, self.items.adapter)
+        return self.pool_long(self.decoder(history_codes, self.code_projection()), history_codes)
+
+    def code_projection(self) -> nn.Linear:
+        """The linear map from the codebook's space to the model width: the item encoder's
+        adapter (codes of text embeddings, the default) or the long branch's own map."""
+        return self.items.adapter if self.long_project is None else self.long_project
+
+    def pool_long(self, tokens: Tensor, history_codes: Tensor) -> Tensor:
+        """(B, Kc, D) coarse interests from the decoded, projected long history ``tokens``
+        (B, T, D) and its codes (B, T, levels), newest last; with ``Config.long_positions`` each
+        token first gets the embedding of its age's log2 bucket (0 = the newest long item)."""
         valid = (history_codes != self.decoder.unknown).any(dim=-1)
+        if self.long_ages is not None:
+            tokens = tokens + self.long_ages(long_age_buckets(tokens.shape[1], tokens.device))
         coarse: Tensor = self.lightweight(tokens, valid)
         return coarse
 

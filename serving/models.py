@@ -94,15 +94,13 @@ def top_k(scores: Tensor, k: int) -> list[int]:
 
 def encode_long(model: HyMiRec, code_table: Tensor, codes: Tensor) -> Tensor:
     """``model.encode_long(codes)`` given ``code_table = F.linear(model.decoder.table,
-    model.items.adapter.weight)`` (``CodebookDecoder.forward`` recomputes that (levels, size + 1,
-    D) table on every call: 0.36 ms of 0.58 here). Same operations on the same tensors, so the
-    same result to the bit (``tests/serving/test_ranking.py``)."""
-    tokens = model.items.adapter.bias.expand(*codes.shape[:-1], -1)
+    model.code_projection().weight)`` (``CodebookDecoder.forward`` recomputes that (levels,
+    size + 1, D) table on every call: 0.36 ms of 0.58 here). Same operations on the same tensors,
+    so the same result to the bit (``tests/serving/test_ranking.py``)."""
+    tokens = model.code_projection().bias.expand(*codes.shape[:-1], -1)
     for level in range(code_table.shape[0]):
         tokens = tokens + code_table[level][codes[..., level]]
-    valid = (codes != model.decoder.unknown).any(dim=-1)
-    coarse: Tensor = model.lightweight(tokens, valid)
-    return coarse
+    return model.pool_long(tokens, codes)
 
 
 class InterestCache:
@@ -170,7 +168,7 @@ class LoadedModel:
             vectors = model.item_embeddings().detach().float()
         if isinstance(model, HyMiRec):
             with torch.no_grad():  # not inference_mode: the table is used in later forwards
-                code_table = F.linear(model.decoder.table, model.items.adapter.weight)
+                code_table = F.linear(model.decoder.table, model.code_projection().weight)
         loaded = cls(
             name=name,
             version=version,
