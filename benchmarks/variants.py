@@ -1,12 +1,12 @@
 """Variants for the offline benchmarks: a model trained with config overrides and harness keys.
 
 ``model:key=value,key=value`` (values as Python literals, else strings). Keys the harness takes
-(``max_len``, ``target_window``, ``samples_per_user``: integers >= 1) go to
-``train_and_evaluate``; ``codebook=trained`` (HyMiRec only) first trains the same variant on the
-text codebook, fits a codebook of the same shape on its item embeddings
-(``model.stage1_codebook``), then trains the variant again, from scratch and with the same seed,
-reading its long history through the new codes (the paper's stage 1, by analogy); every other key
-is a field of the model's Config.
+(``max_len``, ``target_window``, ``samples_per_user``: integers >= 1; ``cut``: ``uniform`` or
+``last``, ``model.data.training_batches``) go to ``train_and_evaluate``. ``codebook=trained``
+(HyMiRec only) first trains the same variant on the text codebook, fits a codebook of the same
+shape on its item embeddings (``model.stage1_codebook``), then trains the variant again, from
+scratch and with the same seed, reading its long history through the new codes (the paper's
+stage 1, by analogy). Every other key is a field of the model's Config.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from model.training.offline import RunResult, train_and_evaluate
 __all__ = ["HARNESS_KEYS", "Variant", "parse_variant", "variant_argument"]
 
 HARNESS_KEYS = ("max_len", "target_window", "samples_per_user")  # keys for the harness
+CUTS = ("uniform", "last")  # model.data.training_batches
 CODEBOOKS = ("text", "trained")  # where the long history's codes come from
 
 
@@ -36,7 +37,7 @@ class Variant:
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    harness: dict[str, int] = field(default_factory=dict)
+    harness: dict[str, Any] = field(default_factory=dict)
     codebook: str = "text"
 
     @property
@@ -84,6 +85,7 @@ class Variant:
             max_len=self.harness.get("max_len"),
             target_window=self.harness.get("target_window"),
             samples_per_user=self.harness.get("samples_per_user"),
+            cut=self.harness.get("cut"),
         )
 
 
@@ -92,7 +94,7 @@ def parse_variant(spec: str) -> Variant:
     or config fields are a ConfigError naming them."""
     name, _, body = spec.partition(":")
     overrides: dict[str, Any] = {}
-    harness: dict[str, int] = {}
+    harness: dict[str, Any] = {}
     codebook = "text"
     for pair in filter(None, body.split(",")):
         key, sep, text = pair.partition("=")
@@ -109,6 +111,11 @@ def parse_variant(spec: str) -> Variant:
                     f"variant {spec!r}: codebook must be one of {CODEBOOKS}, for hymirec only"
                 )
             codebook = str(value)
+            continue
+        if key == "cut":
+            if value not in CUTS:
+                raise ConfigError(f"variant {spec!r}: cut must be one of {CUTS}; got {text!r}")
+            harness[key] = value
             continue
         if key in HARNESS_KEYS and not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"variant {spec!r}: {key} must be an integer >= 1; got {text!r}")

@@ -43,7 +43,7 @@ import torch
 from core.errors import ConfigError, DataError
 from model import zoo
 from model.base import Batch, CatalogInfo, SequentialRecommender
-from model.data import SequenceData, Split, evaluation_batches, training_batches
+from model.data import Cut, SequenceData, Split, evaluation_batches, training_batches
 from model.evaluate import RankingAccumulator
 from model.interest_merge import Merge
 from model.popularity import PopularityRecommender
@@ -281,14 +281,14 @@ def _fit(
     return fit
 
 
-def _defaults(name: str, samples_per_user: int | None) -> zoo.TrainingDefaults:
-    """The model's training defaults, with ``samples_per_user`` when given."""
-    defaults = zoo.training_defaults(name)
-    if samples_per_user is None:
-        return defaults
-    if samples_per_user < 1:
+def _defaults(name: str, samples_per_user: int | None, cut: Cut | None) -> zoo.TrainingDefaults:
+    """The model's training defaults, with ``samples_per_user`` and ``cut`` when given (a bad
+    ``cut`` is refused by ``training_batches``)."""
+    if samples_per_user is not None and samples_per_user < 1:
         raise ConfigError(f"samples_per_user must be >= 1; got {samples_per_user}")
-    return dataclasses.replace(defaults, samples_per_user=samples_per_user)
+    own = zoo.training_defaults(name)
+    samples, chosen = samples_per_user or own.samples_per_user, cut or own.cut
+    return dataclasses.replace(own, samples_per_user=samples, cut=chosen)
 
 
 def train_and_evaluate(
@@ -306,23 +306,24 @@ def train_and_evaluate(
     max_len: int | None = None,
     target_window: int | None = None,
     samples_per_user: int | None = None,
+    cut: Cut | None = None,
     overrides: dict[str, Any] | None = None,
     on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> RunResult:
     """Train model ``name`` on ``data`` (seeded), early-stop on validation NDCG@10, test the best.
 
-    ``max_len``/``target_window``/``samples_per_user`` (prefixes per user and epoch, for models
-    trained on sampled cuts) default to the registry's per-model choices; a model Config with
-    a ``max_len`` field gets the harness's ``max_len`` unless ``overrides`` sets it. ``on_epoch``
-    is called after every epoch's validation with (epoch, at most epochs, that epoch's metrics
-    and loss), for a progress display.
+    ``max_len``/``target_window``/``samples_per_user`` (prefixes per user and epoch)/``cut``
+    (``model.data.training_batches``) default to the registry's per-model choices; a model Config
+    with a ``max_len`` field gets the harness's ``max_len`` unless ``overrides`` sets it.
+    ``on_epoch`` is called after every epoch's validation with (epoch, at most epochs, that
+    epoch's metrics and loss), for a progress display.
     """
     if data.num_items != catalog.num_items:
         raise DataError(f"data has {data.num_items} items but the catalogue {catalog.num_items}")
     if epochs < 0 or patience < 1:
         raise ConfigError("epochs must be >= 0 and patience >= 1")
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = _defaults(name, samples_per_user)
+    defaults = _defaults(name, samples_per_user, cut)
     max_len = max_len or defaults.max_len
     window = target_window or defaults.target_window
     _seed_everything(seed)

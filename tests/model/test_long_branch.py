@@ -119,5 +119,8 @@ def test_codebook_variant_key_is_checked() -> None:
         parse_variant("hymirec:codebook=learned")
     with pytest.raises(ConfigError, match="codebook"):
         parse_variant("sasrec:codebook=trained")
+    assert parse_variant("hymirec:cut=last").harness == {"cut": "last"}
+    with pytest.raises(ConfigError, match="cut"):
+        parse_variant("hymirec:cut=every")
     with pytest.raises(ConfigError, match="long_projection"):
         Config(long_projection="text")  # type: ignore[arg-type]
