@@ -15,6 +15,10 @@ available to us):
    serving fetches from the feature store. The decoded vectors go through the item encoder's
    adapter (they approximate the same text embeddings); it is linear, so projecting the small
    code table first and summing gathered rows is exact and costs O(levels x length x dim).
+   Options: ``Config.long_positions`` adds a learned embedding of each long item's age (log2
+   buckets, 0 = the newest long item); ``Config.long_projection="own"`` gives the long branch
+   its own projection, for a codebook fitted on other vectors (``model.stage1_codebook``: the
+   trained item embeddings, the paper's stage 1 by analogy; an offline experiment).
 3. **Lightweight recommender → coarse interests.** ``Kc`` learnable queries attention-pool the
    decoded long history (one attention read, linear in its length) into ``Kc`` coarse interests.
 4. **LLM-based recommender → refined interests.** A small causal transformer reads
