@@ -88,6 +88,9 @@ class Config:
     merge: Merge = "logsumexp"  # how the K interest scores become one (model/interest_merge.py)
     gate_weight: float = 1.0  # weight of the interest gate's own loss (0: the gate is not trained)
     item_bias: bool = False  # a learned per-item logit offset (popularity), beside the cosines
+    # score with the newest recent position's state (trained by the dense loss) as one more
+    # interest; training is unchanged (scoring and serving only)
+    state_interest: bool = False
     long_positions: bool = False  # add a learned embedding of each long item's age (log2 buckets)
     # "adapter": the long history's codes approximate text embeddings and share the item encoder's
     # adapter; "own": their own linear map (a codebook fitted on other vectors, e.g. trained item

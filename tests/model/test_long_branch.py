@@ -124,3 +124,29 @@ def test_codebook_variant_key_is_checked() -> None:
         parse_variant("hymirec:cut=every")
     with pytest.raises(ConfigError, match="long_projection"):
         Config(long_projection="text")  # type: ignore[arg-type]
+
+
+def test_state_interest_appends_the_newest_recent_state_and_leaves_training_alone(
+    catalog: CatalogInfo,
+) -> None:
+    model = model_with(catalog, TINY)
+    long, recent = HISTORY[:, : -TINY.recent_len], HISTORY[:, -TINY.recent_len :]
+    targets = torch.tensor([[20, 21], [30, 31]])
+    with torch.no_grad():
+        coarse = model.encode_long(catalog.codes[long])
+        plain = model.refine(coarse, recent)
+        _, states = model._refine(coarse, recent)  # every position, full forward
+        loss = model.loss(batch_of(HISTORY, targets))
+        model.config = dataclasses.replace(TINY, state_interest=True)
+        both = model.refine(coarse, recent)
+        assert both.shape == (2, TINY.interests + 1, TINY.dim)
+        assert torch.allclose(both[:, :-1], plain, atol=1e-6)
+        assert torch.allclose(both[:, -1], states[:, -1], atol=1e-6)
+        assert torch.equal(model.loss(batch_of(HISTORY, targets)), loss)
+        # No recent item: the extra row repeats the first interest, so the ranking is unchanged.
+        cold = model.refine(coarse, torch.zeros(2, 0, dtype=torch.long))
+        assert torch.equal(cold[:, -1], cold[:, 0])
+        items = model.item_embeddings()
+        scores = model.interest_scores(both, items)
+        by_hand = TINY.temperature * torch.logsumexp(both @ items.T / TINY.temperature, dim=1)
+        assert torch.allclose(scores, by_hand, atol=1e-5)
