@@ -314,10 +314,7 @@ class HyMiRec(SequentialRecommender):
     def refine(self, coarse: Tensor, recent: Tensor) -> Tensor:
         """(B, K, D) unit interests from coarse interests and recent item indices (B, <= R),
         left-padded with 0, oldest first; (B, K + 1, D) with ``Config.state_interest``."""
-        recent_len = self.config.recent_len
-        if recent.shape[1] > recent_len:
-            raise ValueError(f"recent has {recent.shape[1]} items; at most {recent_len} allowed")
-        recent = F.pad(recent, (recent_len - recent.shape[1], 0))
+        recent = self._padded_recent(recent)
         if not isinstance(self.refiner, InterestRefiner):
             interests, states = self._refine(coarse, recent)
             return self._with_state(interests, states[:, -1:], recent)
@@ -325,6 +322,13 @@ class HyMiRec(SequentialRecommender):
         out = self.refiner.interests(coarse, self.items(recent), recent > 0, newest)
         out = F.normalize(out, dim=-1)
         return self._with_state(out[:, newest:], out[:, :newest], recent)
+
+    def _padded_recent(self, recent: Tensor) -> Tensor:
+        """``recent`` (B, <= R) left-padded with 0 to (B, R); more than R items is an error."""
+        recent_len = self.config.recent_len
+        if recent.shape[1] > recent_len:
+            raise ValueError(f"recent has {recent.shape[1]} items; at most {recent_len} allowed")
+        return F.pad(recent, (recent_len - recent.shape[1], 0))
 
     def _with_state(self, interests: Tensor, state: Tensor, recent: Tensor) -> Tensor:
         """With ``Config.state_interest``, the newest recent position's state (B, 1, D) after
@@ -338,10 +342,7 @@ class HyMiRec(SequentialRecommender):
 
     def _refine(self, coarse: Tensor, recent: Tensor) -> tuple[Tensor, Tensor]:
         """Unit interests (B, K, D) and unit recent-position states (B, R, D)."""
-        recent_len = self.config.recent_len
-        if recent.shape[1] > recent_len:
-            raise ValueError(f"recent has {recent.shape[1]} items; at most {recent_len} allowed")
-        recent = F.pad(recent, (recent_len - recent.shape[1], 0))
+        recent = self._padded_recent(recent)
         interests, states = self.refiner(coarse, self.items(recent), recent > 0)
         return F.normalize(interests, dim=-1), F.normalize(states, dim=-1)
 

@@ -150,3 +150,11 @@ def test_state_interest_appends_the_newest_recent_state_and_leaves_training_alon
         scores = model.interest_scores(both, items)
         by_hand = TINY.temperature * torch.logsumexp(both @ items.T / TINY.temperature, dim=1)
         assert torch.allclose(scores, by_hand, atol=1e-5)
+
+
+def test_more_recent_items_than_the_window_is_an_error(catalog: CatalogInfo) -> None:
+    model = model_with(catalog, dataclasses.replace(TINY, state_interest=True))
+    coarse = model.encode_long(torch.zeros(1, 0, LEVELS, dtype=torch.long))
+    too_many = torch.ones(1, TINY.recent_len + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"at most {TINY.recent_len} allowed"):
+        model.refine(coarse, too_many)
